@@ -1,0 +1,45 @@
+"""The `robustmim` command: one subcommand per stage, each defined in its own package.
+
+A stage module provides `add_arguments(parser)` and `run(args) -> int`. Stage modules keep
+heavy imports (torch, DALI, DeepSpeed) inside `run`, so `robustmim --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from robustmim.errors import UserError
+
+# stage name -> (module defining add_arguments/run, one-line help)
+STAGES = {
+    "shards": ("shards.cli", "build, verify and summarize WebDataset shards"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="robustmim", description=__doc__.splitlines()[0])
+    stages = parser.add_subparsers(dest="stage", metavar="<stage>", required=True)
+    for name, (module_name, help_text) in STAGES.items():
+        sub = stages.add_parser(name, help=help_text, description=help_text)
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:
+        print(f"robustmim {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"robustmim {args.stage}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
