@@ -1,0 +1,1 @@
+"""The training pipeline: data loading, models, objectives, engine and checkpoints."""

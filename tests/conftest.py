@@ -1,0 +1,61 @@
+"""Shared fixtures: real shard builds at toy scale (Fashion-MNIST and synthetic JPEG trees)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from robustmim.config import load_config
+from shards.build import build_shards
+from shards.config import FASHION_MNIST_DIR, ShardsConfig
+from shards.synthetic import make_image_tree
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def shards_config(**values) -> ShardsConfig:
+    """A ShardsConfig from keyword overrides, through the same path as the CLI."""
+    overrides = [f"{k}={v}" for k, v in values.items()]
+    return load_config(ShardsConfig, None, overrides)
+
+
+def build(**values):
+    cfg = shards_config(**values)
+    return cfg, build_shards(cfg)
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    path = Path(FASHION_MNIST_DIR)
+    assert (path / "train-images-idx3-ubyte.gz").is_file(), \
+        "Fashion-MNIST missing: `make test` installs Debian's dataset-fashion-mnist"
+    return path
+
+
+@pytest.fixture(scope="session")
+def fashion_shards(tmp_path_factory, fashion_dir) -> Path:
+    """The whole Fashion-MNIST set (60k + 10k) in shards of 5,000, built once per session."""
+    out = tmp_path_factory.mktemp("fashion_shards")
+    build(source="fashion_mnist", input=fashion_dir, out=out, shard_max_samples=5000, workers=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory):
+    """3 classes x 8 train JPEGs and 4 val JPEGs each, in class folders; small images for speed."""
+    return make_image_tree(tmp_path_factory.mktemp("tree"), classes=3, train_per_class=8, val_per_class=4,
+                           min_size=40, max_size=96, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tree_shards(tmp_path_factory, image_tree) -> Path:
+    out = tmp_path_factory.mktemp("tree_shards")
+    build(source="imagenet", input=image_tree.root, out=out, shard_max_samples=5, workers=2)
+    return out
+
+
+def read_skipped(shard_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (shard_dir / "skipped.jsonl").read_text().splitlines()]

@@ -1,0 +1,83 @@
+"""Typed config: files, dotted overrides, clear errors, and the record written beside outputs."""
+
+import json
+import subprocess
+
+import pytest
+import yaml
+
+from robustmim.config import load_config
+from robustmim.errors import ConfigError
+from robustmim.provenance import write_provenance
+from shards.config import ShardsConfig, SourceKind
+
+from conftest import REPO_ROOT
+
+
+def test_file_then_overrides_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("source: imagenet\ninput: /data/in1k\nout: /x\nseed: 3\nshard_max_samples: 10\n")
+    cfg = load_config(ShardsConfig, path, ["seed=7", "splits=[val]"])
+    assert cfg.source is SourceKind.imagenet
+    assert (cfg.input, cfg.out, cfg.seed, cfg.shard_max_samples, cfg.splits) == ("/data/in1k", "/x", 7, 10, ["val"])
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("out: /x\nshard_max_sample: 10\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'shard_max_sample'"):
+        load_config(ShardsConfig, path)
+
+
+def test_unknown_key_in_override_names_it():
+    with pytest.raises(ConfigError, match=r"override 'wrokers=2': unknown key 'wrokers'"):
+        load_config(ShardsConfig, None, ["out=/x", "wrokers=2"])
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"invalid value for 'workers'.*'many'"):
+        load_config(ShardsConfig, None, ["out=/x", "workers=many"])
+
+
+def test_bad_enum_value_lists_the_choices():
+    with pytest.raises(ConfigError, match=r"'source'.*imagenet"):
+        load_config(ShardsConfig, None, ["out=/x", "source=cifar"])
+
+
+def test_missing_required_value():
+    with pytest.raises(ConfigError, match="missing required value.*out"):
+        load_config(ShardsConfig)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("splits=[train,test]", "unknown split"),
+    ("shard_max_bytes=0", "shard_max_bytes must be positive"),
+    ("workers=-1", "workers must be >= 0"),
+])
+def test_values_checked_by_the_dataclass(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ShardsConfig, None, ["out=/x", override])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(ShardsConfig, None, ["out"])
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(ShardsConfig, tmp_path / "nope.yaml")
+
+
+def test_shipped_configs_load():
+    for path in sorted((REPO_ROOT / "configs" / "shards").glob("*.yaml")):
+        load_config(ShardsConfig, path, ["out=/x"])
+
+
+def test_resolved_config_and_git_sha_written_beside_output(tmp_path):
+    cfg = load_config(ShardsConfig, None, ["out=/x", "seed=5"])
+    write_provenance(tmp_path, cfg, "shards build")
+    written = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert written["seed"] == 5 and written["source"] == "fashion_mnist" and written["out"] == "/x"
+    record = json.loads((tmp_path / "provenance.json").read_text())
+    head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert record["git_sha"] == head.stdout.strip() and len(record["git_sha"]) == 40
+    assert record["stage"] == "shards build"
+    assert load_config(ShardsConfig, tmp_path / "config.yaml") == cfg  # the record reloads as the same config
