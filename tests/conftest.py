@@ -59,3 +59,21 @@ def read_skipped(shard_dir: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (shard_dir / "skipped.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def fashion_val_shards(tmp_path_factory, fashion_dir) -> Path:
+    """Fashion-MNIST's 10,000 val images in 20 shards of 500: small, but many shards to shuffle."""
+    out = tmp_path_factory.mktemp("fashion_val")
+    build(source="fashion_mnist", input=fashion_dir, out=out, splits="[val]", shard_max_samples=500, workers=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def jpeg_shards(tmp_path_factory) -> Path:
+    """Real JPEGs of one size (48x48), 4 classes x 20, in shards of 16."""
+    root = tmp_path_factory.mktemp("jpeg_tree")
+    make_image_tree(root / "in", classes=4, train_per_class=20, val_per_class=0, min_size=48, max_size=48, seed=7)
+    out = root / "shards"
+    build(source="imagenet", input=root / "in", out=out, splits="[train]", shard_max_samples=16, workers=2)
+    return out

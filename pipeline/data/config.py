@@ -1,0 +1,60 @@
+"""Configuration of the data loaders."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+
+class LoaderDevice(enum.Enum):
+    auto = "auto"  # gpu when torch sees CUDA, else cpu
+    cpu = "cpu"  # CPU decode and operators, CPU tensors (machines without a GPU, CI)
+    gpu = "gpu"  # `mixed` JPEG decode, GPU operators, CUDA tensors
+
+
+@dataclass
+class LoaderConfig:
+    shards: str = MISSING  # a directory written by `robustmim shards build`
+    split: str = "train"
+    batch_size: int = 64  # per rank
+    image_size: int = 224  # side of the square output
+    channels: int = 3  # 3: RGB (grayscale images expanded); 1: grayscale
+    # Training augmentation as in MAE: RandomResizedCrop (bicubic) and horizontal flip.
+    # augment=False gives the evaluation transform (resize + center crop, no randomness).
+    augment: bool = True
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    flip: bool = True
+    # Evaluation: resize the shorter side to image_size / eval_crop_fraction, then center crop.
+    eval_crop_fraction: float = 0.875
+    seed: int = 0
+    # Samples DALI holds to shuffle within (the shards are globally shuffled when built, and
+    # the order of whole shards is reshuffled every epoch).
+    shuffle_buffer: int = 4096
+    num_threads: int = 4
+    prefetch: int = 2
+    device: LoaderDevice = LoaderDevice.auto
+    # sha256 every shard at start-up (reads the whole split; sizes are always checked).
+    verify_hashes: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(self.crop_scale)}")
+        if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"crop_ratio must be [low, high] with 0 < low <= high, got {list(self.crop_ratio)}")
+        if not 0 < self.eval_crop_fraction <= 1:
+            raise ValueError(f"eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}")
+        if self.shuffle_buffer <= 0 or self.num_threads <= 0 or self.prefetch <= 0:
+            raise ValueError("shuffle_buffer, num_threads and prefetch must be positive")
+
+    @property
+    def eval_resize(self) -> int:
+        return round(self.image_size / self.eval_crop_fraction)
