@@ -41,7 +41,8 @@ test: install fashion-mnist
 	$(BIN)/python -m pytest -q
 
 bench: install fashion-mnist
-	$(BIN)/python bench/shards.py
+	$(BIN)/python -m bench.shards
+	$(BIN)/python -m bench.loader
 
 # Re-pin every package after a change of pyproject.toml's dependencies.
 lock: install

@@ -1,6 +1,6 @@
 """Images/s of `robustmim shards build`, with 1 and 2 writer processes.
 
-    .venv/bin/python bench/shards.py [--imagenet-like N] [--out DIR]
+    .venv/bin/python -m bench.shards [--imagenet-like N] [--out DIR]
 
 Sources: the embedded Fashion-MNIST (70,000 28x28 images, PNG-encoded), and a synthetic
 ImageNet-like tree of N JPEGs of 224-500 px made from scikit-image's sample photos (decoded
@@ -9,22 +9,22 @@ once to check them, stored as they are). Each row is one full build into a fresh
 
 from __future__ import annotations
 
+import sys
+
+if not __package__:  # run as a file, bench/ would come first on sys.path and bench/shards.py hide `shards`
+    sys.exit("run from the repository root as: python -m bench.shards")
+
 import argparse
 import os
 import shutil
 import tempfile
-import sys
 import time
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path, and this file's name would
-# then hide the `shards` package it measures.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from robustmim.config import load_config  # noqa: E402
-from shards.build import build_shards  # noqa: E402
-from shards.config import FASHION_MNIST_DIR, ShardsConfig  # noqa: E402
-from shards.synthetic import make_image_tree  # noqa: E402
+from robustmim.config import load_config
+from shards.build import build_shards
+from shards.config import FASHION_MNIST_DIR, ShardsConfig
+from shards.synthetic import make_image_tree
 
 
 def timed_build(overrides: list[str]) -> tuple[int, float, float]:

@@ -24,13 +24,18 @@ def _verify(capsys, shard_dir, *extra):
     return code, capsys.readouterr().out
 
 
-def _member_offset(shard_dir, index_name: str, ext: str) -> tuple[str, int]:
-    """(key, data offset) of the first sample's member with extension `ext`, from the DALI index."""
-    fields = (shard_dir / index_name).read_text().splitlines()[1].split()
-    for i in range(0, len(fields), 4):
-        if fields[i] == ext:
-            return fields[i + 3].split(".")[0], int(fields[i + 1])
-    raise AssertionError(f"no .{ext} member")
+def _set_first_member_byte(shard_dir, split: str, ext: str, value) -> tuple[str, str]:
+    """Change the first data byte of the first sample's `.ext` member (found through the DALI
+    index) to value(old byte); returns (shard name, sample key)."""
+    entry = load_manifest(shard_dir).splits[split].shards[0]
+    fields = (shard_dir / entry.index).read_text().splitlines()[1].split()
+    member = next(i for i in range(0, len(fields), 4) if fields[i] == ext)
+    key, offset = fields[member + 3].split(".")[0], int(fields[member + 1])
+    path = shard_dir / entry.name
+    data = bytearray(path.read_bytes())
+    data[offset] = value(data[offset])
+    path.write_bytes(bytes(data))
+    return entry.name, key
 
 
 def test_clean_shards_pass_and_the_outcome_is_recorded(capsys, shards_copy):
@@ -53,29 +58,19 @@ def test_truncated_shard(capsys, shards_copy):
 
 
 def test_flipped_byte_in_an_image_names_the_sample(capsys, shards_copy):
-    entry = load_manifest(shards_copy).splits["val"].shards[0]
-    key, offset = _member_offset(shards_copy, entry.index, "jpg")
-    path = shards_copy / entry.name
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF  # the JPEG's first byte: no longer an image
-    path.write_bytes(bytes(data))
+    shard, key = _set_first_member_byte(shards_copy, "val", "jpg", lambda b: b ^ 0xFF)  # JPEG marker gone
     code, out = _verify(capsys, shards_copy)
     assert code == 1
-    assert f"BAD {entry.name}: sha256 differs from the manifest" in out
-    assert f"BAD {entry.name} [{key}]: image .jpg: not an image" in out
+    assert f"BAD {shard}: sha256 differs from the manifest" in out
+    assert f"BAD {shard} [{key}]: image .jpg: not an image" in out
 
 
 def test_flipped_label_byte_names_the_sample(capsys, shards_copy):
-    entry = load_manifest(shards_copy).splits["train"].shards[0]
-    key, offset = _member_offset(shards_copy, entry.index, "cls")
-    path = shards_copy / entry.name
-    data = bytearray(path.read_bytes())
-    data[offset] = ord("9")  # label 9 of 3 classes, and no longer equal to the int32 label
-    path.write_bytes(bytes(data))
+    shard, key = _set_first_member_byte(shards_copy, "train", "cls", lambda b: ord("9"))  # of 3 classes
     code, out = _verify(capsys, shards_copy)
     assert code == 1
-    assert f"BAD {entry.name} [{key}]: label 9 outside 0..2" in out
-    assert f"BAD {entry.name} [{key}]: int32 label" in out
+    assert f"BAD {shard} [{key}]: label 9 outside 0..2" in out
+    assert f"BAD {shard} [{key}]: int32 label" in out  # no longer equal to the binary label
 
 
 def test_wrong_count_in_manifest(capsys, shards_copy):

@@ -1,0 +1,92 @@
+"""Images/s of the DALI loader against the webdataset+PIL reference loader, same shards.
+
+    .venv/bin/python -m bench.loader [--batch 128] [--batches 30] [--device auto|cpu|gpu]
+
+Sources: Fashion-MNIST (28 px PNG) and a synthetic ImageNet-like set of 224-500 px JPEGs.
+Each row: training transform (RandomResizedCrop + flip, bicubic) to the output size, after two
+warm-up batches; DALI with --threads CPU threads (GPU: `mixed` decode, GPU operators), the
+reference with --threads DataLoader workers. On a GPU: --device gpu --batch 256 --threads 16.
+"""
+
+from __future__ import annotations
+
+import sys
+
+if not __package__:  # run as a file, bench/ would come first on sys.path and bench/shards.py hide `shards`
+    sys.exit("run from the repository root as: python -m bench.loader")
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from robustmim.config import load_config
+from pipeline.data.config import LoaderConfig
+from pipeline.data.dali import DaliLoader
+from pipeline.data.reference import ReferenceLoader
+from shards.build import build_shards
+from shards.config import FASHION_MNIST_DIR, ShardsConfig
+from shards.synthetic import make_image_tree
+
+
+def images_per_second(loader, batches: int) -> float:
+    for _ in range(2):
+        next(loader)
+    start = time.perf_counter()
+    n = 0
+    for _ in range(batches):
+        batch = next(loader)
+        n += batch.labels.shape[0]
+    if batch.images.is_cuda:
+        import torch
+
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - start)
+
+
+def build(overrides: list[str]) -> None:
+    build_shards(load_config(ShardsConfig, None, overrides))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    parser.add_argument("--jpegs", type=int, default=3000, help="images in the synthetic JPEG set")
+    parser.add_argument("--skip-reference", action="store_true")
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-loader-"))
+    build([f"input={FASHION_MNIST_DIR}", f"out={scratch / 'fmnist'}", "splits=[train]",
+           "shard_max_samples=5000"])
+    make_image_tree(scratch / "tree", classes=10, train_per_class=args.jpegs // 10, val_per_class=0,
+                    min_size=224, max_size=500, seed=0)
+    build(["source=imagenet", f"input={scratch / 'tree'}", f"out={scratch / 'jpeg'}", "splits=[train]",
+           "shard_max_samples=250"])
+
+    cases = [("fashion-mnist 28px PNG -> 28", scratch / "fmnist", 28, 1),
+             ("JPEG 224-500px -> 224", scratch / "jpeg", 224, 3)]
+    rows = []
+    for name, shards, size, channels in cases:
+        cfg = load_config(LoaderConfig, None, [
+            f"shards={shards}", "split=train", f"batch_size={args.batch}", f"image_size={size}",
+            f"channels={channels}", f"num_threads={args.threads}", f"device={args.device}", "shuffle_buffer=1024"])
+        dali = DaliLoader(cfg)
+        rows.append((name, f"DALI ({'gpu' if dali.on_gpu else 'cpu'})", images_per_second(dali, args.batches)))
+        del dali
+        if not args.skip_reference:
+            reference = ReferenceLoader(cfg, num_workers=args.threads)
+            rows.append((name, "webdataset+PIL", images_per_second(reference, args.batches)))
+            del reference
+
+    print(f"\nloader throughput, batch {args.batch}, {args.threads} threads/workers, {os.cpu_count()} cores")
+    print(f"{'shards -> output':<32} {'loader':<16} {'images/s':>9}")
+    for name, loader, rate in rows:
+        print(f"{name:<32} {loader:<16} {rate:>9.0f}")
+
+
+if __name__ == "__main__":
+    main()
