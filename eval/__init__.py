@@ -1,0 +1,1 @@
+"""Robustness evaluation: attacks, randomized-smoothing certification and reports."""

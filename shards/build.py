@@ -22,11 +22,11 @@ from shards.config import ShardsConfig
 from shards.manifest import (SKIPPED_NAME, Manifest, ShardEntry, SplitEntry, manifest_path,
                              save_manifest)
 from shards.parallel import run_parallel
-from shards.plan import ShardPlan, plan_split
+from shards.plan import SHARD_FILE, ShardPlan, plan_split
 from shards.sources import Skipped, Source, open_source
-from shards.writer import BUILD_RECORDS_DIR, ShardRecord, ShardTask, check_completed, write_shard
+from shards.writer import (BUILD_RECORDS_DIR, ShardRecord, ShardTask, check_completed, read_record,
+                           write_shard)
 
-_SHARD_FILE = re.compile(r"^(?P<name>[a-z]+-\d{6})\.(tar|idx)$")
 _TMP_FILE = re.compile(r"^\..*\.tmp(-\d+)?$")
 
 
@@ -51,7 +51,7 @@ def remove_unplanned_shards(out_dir: Path, plans: list[ShardPlan]) -> list[str]:
     planned = {p.name for p in plans}
     removed = []
     for path in sorted(out_dir.iterdir()):
-        m = _SHARD_FILE.match(path.name)
+        m = SHARD_FILE.match(path.name)
         if m and m["name"] not in planned:
             path.unlink()
             removed.append(path.name)
@@ -76,7 +76,8 @@ def build_shards(cfg: ShardsConfig) -> Manifest:
     if removed:
         print(f"removed {len(removed)} shard file(s) of an earlier build not in this plan", file=sys.stderr)
 
-    checks = [(str(out_dir), p.name, p.fingerprint()) for p in plans]
+    recorded = [p for p in plans if (r := read_record(out_dir, p.name)) and r.fingerprint == p.fingerprint()]
+    checks = [(str(out_dir), p.name, p.fingerprint()) for p in recorded]
     kept = [r for r in run_parallel(check_completed, checks, workers, "checking existing shards",
                                     [1] * len(checks), "shard") if r is not None]
     records = {r.name: r for r in kept}

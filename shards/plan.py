@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -20,6 +21,10 @@ from shards.sources import SourceSample
 # Bumped whenever the bytes written for the same samples change (member layout, encoding).
 SHARD_FORMAT_VERSION = 1
 _TAR_BLOCK = 512
+
+
+# A shard's tar or DALI index file, as shard_name() names them.
+SHARD_FILE = re.compile(r"^(?P<name>[a-z]+-\d{6})\.(tar|idx)$")
 
 
 def shard_name(split: str, index: int) -> str:

@@ -148,11 +148,11 @@ class ImageTree:
     """ImageNet's layout: train/<wnid>/*.JPEG; val/ in class folders or flat with label files."""
 
     kind = SourceKind.imagenet
-    image_info: dict = {}
 
     def __init__(self, cfg: ShardsConfig):
         self.root = Path(cfg.input)
         self.cfg = cfg
+        self.image_info: dict = {}  # sizes and modes vary from image to image
         if not self.root.is_dir():
             raise UserError(f"dataset root not found: {self.root}")
         class_root = self.root / "train" if (self.root / "train").is_dir() else self.root / "val"

@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from robustmim.fileio import sha256_of_file
-from shards.build import _SHARD_FILE
 from shards.images import IMAGE_EXTENSIONS, UndecodableImage, decode_checked
 from shards.manifest import ShardEntry, load_manifest, save_manifest
 from shards.parallel import run_parallel
+from shards.plan import SHARD_FILE
 from shards.tario import dali_index_text, iter_samples, split_member_name
 
 
@@ -117,7 +117,7 @@ def verify_dir(shard_dir: str | Path, fraction: float = 1.0, seed: int = 0, work
     problems = sorted((p for r in results for p in r), key=lambda p: (p.shard, p.key or ""))
     listed = {e.name.removesuffix(".tar") for _, _, e, *_ in jobs}
     notes = [f"{p.name}: on disk but not in the manifest" for p in sorted(Path(shard_dir).iterdir())
-             if (m := _SHARD_FILE.match(p.name)) and m["name"] not in listed]
+             if (m := SHARD_FILE.match(p.name)) and m["name"] not in listed]
     if record:
         manifest.verification = {
             "status": "failed" if problems else "passed",
