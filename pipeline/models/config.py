@@ -1,0 +1,69 @@
+"""Model configuration: named encoder and decoder sizes (MAE's, MIMIR's, and tiny CPU ones)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# name -> (patch size, width, depth, heads)
+ENCODERS = {
+    "vit_tiny_patch4": (4, 192, 4, 3),  # CPU tests and demos at 28-32 px
+    "vit_tiny6_patch4": (4, 192, 6, 3),
+    "vit_base_patch16": (16, 768, 12, 12),
+    "vit_large_patch16": (16, 1024, 24, 16),
+    "vit_huge_patch14": (14, 1280, 32, 16),
+}
+# name -> (width, depth, heads)
+DECODERS = {
+    "mae": (512, 8, 16),  # MAE, NIM and DMAE
+    "mimir": (128, 2, 16),  # MIMIR's small decoder
+    "tiny": (128, 2, 4),
+}
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "vit_large_patch16"
+    decoder: str = "mae"
+    img_size: int = 224
+    in_chans: int = 3
+    mlp_ratio: float = 4.0
+    # Normalization applied inside the objectives, after noise is added in [0, 1] pixel space.
+    pixel_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    pixel_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder '{self.encoder}' unknown; known: {sorted(ENCODERS)}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder '{self.decoder}' unknown; known: {sorted(DECODERS)}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch size {self.patch_size}")
+        if not len(self.pixel_mean) == len(self.pixel_std) == self.in_chans:
+            raise ValueError(f"pixel_mean and pixel_std need {self.in_chans} values (in_chans)")
+
+    @property
+    def patch_size(self) -> int:
+        return ENCODERS[self.encoder][0]
+
+    @property
+    def embed_dim(self) -> int:
+        return ENCODERS[self.encoder][1]
+
+    @property
+    def depth(self) -> int:
+        return ENCODERS[self.encoder][2]
+
+    @property
+    def num_heads(self) -> int:
+        return ENCODERS[self.encoder][3]
+
+    @property
+    def decoder_dims(self) -> tuple[int, int, int]:
+        return DECODERS[self.decoder]
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2

@@ -1,0 +1,162 @@
+"""The masked autoencoder shared by MAE, NIM, DMAE and MIMIR.
+
+Built from timm's `PatchEmbed` and `Block` (pre-norm, qkv bias, LayerNorm eps 1e-6; attention
+through PyTorch's scaled-dot-product attention, so GPUs use flash kernels). Parameter names
+follow the official MAE checkpoints: the encoder as timm's VisionTransformer names it
+(`patch_embed`, `cls_token`, `pos_embed`, `blocks`, `norm`), then `decoder_embed`,
+`mask_token`, `decoder_pos_embed`, `decoder_blocks`, `decoder_norm`, `decoder_pred`.
+
+The model draws no random numbers: masking takes the caller's uniform noise (argsort: the
+smallest values are kept), so the objectives control every draw with seeded generators.
+Inputs are normalized images; the objectives add noise in [0, 1] space and call `normalize`.
+Nothing here reads a tensor's value on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from pipeline.models.config import ModelConfig
+from pipeline.models.pos_embed import sincos_2d
+from pipeline.timm_import import timm  # noqa: F401  (makes timm importable with the CPU torch)
+from timm.layers import PatchEmbed  # noqa: E402
+from timm.models.vision_transformer import Block  # noqa: E402
+
+
+@dataclass
+class MaskedOutput:
+    pred: torch.Tensor  # [B, L, p*p*C]: per-patch prediction, in the target's (normalized) space
+    mask: torch.Tensor  # [B, L]: 1 where the patch was hidden from the encoder, 0 where visible
+    latent: torch.Tensor  # [B, 1 + kept, D]: encoder output after its final norm (CLS first)
+
+
+def random_masking(x: torch.Tensor, noise: torch.Tensor, mask_ratio: float):
+    """Keep int(L * (1 - ratio)) tokens per sample, those with the smallest noise.
+
+    Returns (kept tokens [B, keep, D], mask [B, L], ids_restore [B, L]) where ids_restore
+    inverts the shuffle: gathering the shuffled sequence with it gives the original order.
+    """
+    batch, length, dim = x.shape
+    keep = int(length * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :keep]
+    kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+    mask = torch.ones(batch, length, device=x.device, dtype=x.dtype)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return kept, mask, ids_restore
+
+
+class MaskedAutoencoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim, heads, patch = cfg.embed_dim, cfg.num_heads, cfg.patch_size
+        dec_dim, dec_depth, dec_heads = cfg.decoder_dims
+        norm = partial(nn.LayerNorm, eps=1e-6)
+
+        self.patch_embed = PatchEmbed(cfg.img_size, patch, cfg.in_chans, dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(cfg.depth))
+        self.norm = norm(dim)
+
+        self.decoder_embed = nn.Linear(dim, dec_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dec_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(dec_dim, dec_heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(dec_depth))
+        self.decoder_norm = norm(dec_dim)
+        self.decoder_pred = nn.Linear(dec_dim, patch * patch * cfg.in_chans)
+
+        # Normalization constants, kept out of the state dict (not in MAE's checkpoints).
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, -1, 1, 1), persistent=False)
+        self.reset_parameters()
+
+    # -- initialization (MAE's) ------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        grid = int(self.patch_embed.num_patches ** 0.5)
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_2d(self.pos_embed.shape[-1], grid).unsqueeze(0))
+            self.decoder_pos_embed.copy_(sincos_2d(self.decoder_pos_embed.shape[-1], grid).unsqueeze(0))
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    # -- pixels and patches ----------------------------------------------------------------------
+    def normalize(self, images01: torch.Tensor) -> torch.Tensor:
+        return (images01 - self.pixel_mean) / self.pixel_std
+
+    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
+        return images * self.pixel_std + self.pixel_mean
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, L, p*p*C] in MAE's order (row-major patches, (p, q, c) inside)."""
+        p, c = self.cfg.patch_size, images.shape[1]
+        h = w = images.shape[2] // p
+        x = images.reshape(images.shape[0], c, h, p, w, p)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(images.shape[0], h * w, p * p * c)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        p, c = self.cfg.patch_size, self.cfg.in_chans
+        h = w = int(patches.shape[1] ** 0.5)
+        x = patches.reshape(patches.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(patches.shape[0], c, h * p, w * p)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward_encoder(self, images: torch.Tensor, mask_noise: Optional[torch.Tensor], mask_ratio: float):
+        x = self.patch_embed(images) + self.pos_embed[:, 1:, :]
+        if mask_noise is None or mask_ratio == 0:  # NIM: every patch, no masking
+            mask = torch.zeros(x.shape[:2], device=x.device, dtype=x.dtype)
+            ids_restore = None
+        else:
+            x, mask, ids_restore = random_masking(x, mask_noise, mask_ratio)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: Optional[torch.Tensor]) -> torch.Tensor:
+        x = self.decoder_embed(latent)
+        if ids_restore is not None:
+            length = ids_restore.shape[1]
+            fill = self.mask_token.expand(x.shape[0], length + 1 - x.shape[1], -1)
+            tokens = torch.cat([x[:, 1:, :], fill], dim=1)
+            tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+            x = torch.cat([x[:, :1, :], tokens], dim=1)
+        x = x + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]  # the CLS slot is dropped
+
+    def forward(self, images: torch.Tensor, mask_noise: Optional[torch.Tensor] = None,
+                mask_ratio: float = 0.0) -> MaskedOutput:
+        """images: normalized [B, C, H, W]; mask_noise: uniform [B, L] (None: no masking)."""
+        latent, mask, ids_restore = self.forward_encoder(images, mask_noise, mask_ratio)
+        return MaskedOutput(self.forward_decoder(latent, ids_restore), mask, latent)
+
+    # -- parameter groups ------------------------------------------------------------------------
+    def encoder_parameters(self):
+        """The parameters of the encoder alone (what fine-tuning keeps)."""
+        for name, param in self.named_parameters():
+            if not name.startswith(("decoder_", "mask_token")):
+                yield name, param
