@@ -1,0 +1,60 @@
+"""What the objectives share: seeded generators, per-patch normalized targets, patch losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pipeline.models.mae import MaskedAutoencoder
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor  # scalar, to backpropagate
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars; read at log time
+    denoised: Optional[torch.Tensor] = None  # NIM: the reconstruction in [0, 1] pixel space
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device | str) -> torch.Generator:
+    """A generator on `device` fixed by (seed, step, rank): masks and noise are reproducible."""
+    state = np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0]
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(state) & (2**63 - 1))
+    return generator
+
+
+def mask_noise(images: torch.Tensor, model: MaskedAutoencoder, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(images.shape[0], model.patch_embed.num_patches, generator=generator, device=images.device)
+
+
+def gaussian_like(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+
+
+def patch_stats(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean and std (unbiased variance + 1e-6, as MAE's norm_pix_loss)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    std = (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+    return mean, std
+
+
+def pixel_target(model: MaskedAutoencoder, images01: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+    """[B, L, p*p*C]: the normalized image's patches, each normalized on its own if norm_pix."""
+    patches = model.patchify(model.normalize(images01))
+    if not norm_pix:
+        return patches
+    mean, std = patch_stats(patches)
+    return (patches - mean) / std
+
+
+def patch_losses(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B, L]: mean squared error of each patch."""
+    return ((pred.float() - target.float()) ** 2).mean(dim=-1)
+
+
+def masked_mean(per_patch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the hidden patches only (MAE); mask is 1 where hidden."""
+    return (per_patch * mask).sum() / mask.sum()

@@ -1,0 +1,75 @@
+"""Objective configuration: the name picks one; each has its own section with the papers' values."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class ObjectiveName(enum.Enum):
+    mae = "mae"
+    nim = "nim"
+    dmae = "dmae"
+    mimir = "mimir"
+
+
+class SigmaDistribution(enum.Enum):
+    gamma = "gamma"
+    uniform = "uniform"
+    fixed = "fixed"
+
+
+@dataclass
+class MAEConfig:
+    mask_ratio: float = 0.75
+
+
+@dataclass
+class NIMConfig:
+    # sigma per image in 0-255 pixel units; NIM's default and recommended Gamma(25, scale 3).
+    sigma_dist: SigmaDistribution = SigmaDistribution.gamma
+    gamma_shape: float = 25.0
+    gamma_scale: float = 3.0
+    uniform_low: float = 0.0
+    uniform_high: float = 150.0
+    fixed_sigma: float = 75.0
+    mask_ratio: float = 0.0  # NIM-MAE drops masking; configurable
+
+
+@dataclass
+class DMAEConfig:
+    sigma: float = 0.25  # in [0, 1] pixel units (DMAE's README value; its code default is 0.5)
+    mask_ratio: float = 0.75
+
+
+@dataclass
+class MIMIRConfig:
+    epsilon: float = 8 / 255
+    step_size: float = 10 / 255
+    steps: int = 1
+    mask_ratio: float = 0.75
+    hsic_weight: float = 1e-5
+    hsic_sigma: float = 5.0
+    hsic_eps: float = 1e-5
+
+
+@dataclass
+class ObjectiveConfig:
+    name: ObjectiveName = ObjectiveName.mae
+    norm_pix_loss: bool = True  # per-patch normalized pixel targets (MAE's released models)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    nim: NIMConfig = field(default_factory=NIMConfig)
+    dmae: DMAEConfig = field(default_factory=DMAEConfig)
+    mimir: MIMIRConfig = field(default_factory=MIMIRConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("mae", "nim", "dmae", "mimir"):
+            ratio = getattr(self, name).mask_ratio
+            if not 0 <= ratio < 1:
+                raise ValueError(f"{name}.mask_ratio must be in [0, 1), got {ratio}")
+        if self.mimir.steps < 1 or self.mimir.epsilon < 0:
+            raise ValueError("mimir.steps must be >= 1 and mimir.epsilon >= 0")
+        if self.dmae.sigma < 0 or self.nim.gamma_shape <= 0 or self.nim.gamma_scale <= 0:
+            raise ValueError("dmae.sigma must be >= 0; nim.gamma_shape and nim.gamma_scale positive")
+        if self.nim.uniform_low > self.nim.uniform_high:
+            raise ValueError("nim.uniform_low must not exceed nim.uniform_high")
