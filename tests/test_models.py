@@ -1,0 +1,126 @@
+"""The masked autoencoder: masking, MAE's parameter layout and counts, safe weight loading."""
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from robustmim.config import load_config
+from robustmim.errors import UserError
+from pipeline.models.config import ModelConfig
+from pipeline.models.mae import MaskedAutoencoder, random_masking
+from pipeline.models.weights import load_weights
+
+
+def tiny_config(**values) -> ModelConfig:
+    base = dict(encoder="vit_tiny_patch4", decoder="tiny", img_size=28, in_chans=1,
+                pixel_mean="[0.286]", pixel_std="[0.353]")
+    return load_config(ModelConfig, None, [f"{k}={v}" for k, v in {**base, **values}.items()])
+
+
+@pytest.mark.parametrize("ratio", [0.75, 0.5, 0.9, 0.33])
+def test_masking_keeps_int_l_times_one_minus_r_and_restore_inverts(ratio):
+    batch, length, dim = 6, 49, 8
+    tokens = torch.randn(batch, length, dim)
+    kept, mask, ids_restore = random_masking(tokens, torch.rand(batch, length), ratio)
+    keep = int(length * (1 - ratio))
+    assert kept.shape == (batch, keep, dim)
+    assert torch.equal(mask.sum(dim=1), torch.full((batch,), float(length - keep)))
+    for b in range(batch):  # the kept tokens are exactly the visible (mask 0) positions
+        visible = tokens[b][mask[b] == 0]
+        assert torch.equal(torch.sort(kept[b], dim=0).values, torch.sort(visible, dim=0).values)
+    ids_shuffle = torch.argsort(ids_restore, dim=1)
+    shuffled = torch.gather(tokens, 1, ids_shuffle.unsqueeze(-1).expand(-1, -1, dim))
+    restored = torch.gather(shuffled, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dim))
+    assert torch.equal(restored, tokens)
+
+
+def test_forward_shapes_and_no_masking_path():
+    model = MaskedAutoencoder(tiny_config())
+    images = torch.randn(3, 1, 28, 28)
+    masked = model(images, torch.rand(3, 49), 0.75)
+    assert masked.pred.shape == (3, 49, 16) and masked.latent.shape == (3, 1 + 12, 192)
+    full = model(images)
+    assert full.latent.shape == (3, 50, 192) and full.mask.sum() == 0
+    assert torch.equal(model.unpatchify(model.patchify(images)), images)
+    assert all(block.attn.fused_attn for block in model.blocks)  # scaled-dot-product attention
+
+
+@pytest.mark.parametrize("encoder, decoder, expected_encoder, expected_total", [
+    ("vit_base_patch16", "mae", 85.80e6, 111.91e6),
+    ("vit_large_patch16", "mae", 303.30e6, 329.54e6),  # MAE-L: 304M encoder with timm's 1M head
+    ("vit_huge_patch14", "mae", 630.76e6, 657.07e6),
+    ("vit_large_patch16", "mimir", 303.30e6, 303.30e6 + 0.53e6),
+])
+def test_parameter_counts_on_the_meta_device(encoder, decoder, expected_encoder, expected_total):
+    with torch.device("meta"):
+        model = MaskedAutoencoder(load_config(ModelConfig, None, [f"encoder={encoder}", f"decoder={decoder}"]))
+    assert next(model.parameters()).is_meta
+    encoder_count = sum(p.numel() for _, p in model.encoder_parameters())
+    total = sum(p.numel() for p in model.parameters())
+    assert encoder_count == pytest.approx(expected_encoder, rel=1e-4)
+    assert total == pytest.approx(expected_total, rel=2e-3)
+
+
+def mae_official_keys(depth: int, decoder_depth: int) -> set[str]:
+    """The parameter names of facebookresearch/mae's MaskedAutoencoderViT, written out."""
+    block = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+             "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+             "mlp.fc2.weight", "mlp.fc2.bias"]
+    keys = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+            "norm.bias", "mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias",
+            "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias"}
+    keys |= {f"blocks.{i}.{k}" for i in range(depth) for k in block}
+    keys |= {f"decoder_blocks.{i}.{k}" for i in range(decoder_depth) for k in block}
+    return keys
+
+
+def test_state_dict_has_the_mae_layout_and_shapes():
+    with torch.device("meta"):
+        model = MaskedAutoencoder(load_config(ModelConfig, None, ["encoder=vit_large_patch16"]))
+    state = model.state_dict()
+    assert set(state) == mae_official_keys(24, 8)
+    shapes = {"pos_embed": (1, 197, 1024), "decoder_pos_embed": (1, 197, 512), "mask_token": (1, 1, 512),
+              "patch_embed.proj.weight": (1024, 3, 16, 16), "decoder_pred.weight": (768, 512),
+              "blocks.0.attn.qkv.weight": (3072, 1024), "decoder_embed.weight": (512, 1024)}
+    assert {k: tuple(state[k].shape) for k in shapes} == shapes
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_saved_state_dict_loads_back(tmp_path, suffix):
+    source, target = MaskedAutoencoder(tiny_config()), MaskedAutoencoder(tiny_config())
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pth":
+        torch.save({"model": source.state_dict()}, path)  # the official releases' nesting
+    else:
+        save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    report = load_weights(target, path, strict=True)
+    assert not (report.missing or report.unexpected or report.mismatched)
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_load_reports_missing_unexpected_and_mismatched_keys(tmp_path):
+    state = MaskedAutoencoder(tiny_config()).state_dict()
+    del state["decoder_pred.bias"]
+    state["head.weight"] = torch.zeros(10, 192)
+    state["mask_token"] = torch.zeros(1, 1, 64)
+    torch.save(state, tmp_path / "w.pth")
+    report = load_weights(MaskedAutoencoder(tiny_config()), tmp_path / "w.pth")
+    assert report.missing == ["decoder_pred.bias"] and report.unexpected == ["head.weight"]
+    assert report.mismatched == ["mask_token: (1, 1, 64) vs (1, 1, 128)"]
+    with pytest.raises(UserError, match=r"1 missing: decoder_pred.bias; 1 unexpected: head.weight"):
+        load_weights(MaskedAutoencoder(tiny_config()), tmp_path / "w.pth", strict=True)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("arbitrary code ran",))
+
+
+def test_arbitrary_pickle_is_refused(tmp_path):
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"model": _Payload()}, f)
+    with pytest.raises(UserError, match="weights_only=True refuses"):
+        load_weights(MaskedAutoencoder(tiny_config()), tmp_path / "evil.pth")
