@@ -1,0 +1,77 @@
+"""Matmul FLOPs per training image, for each objective and model size (used for MFU).
+
+Counted as PyTorch's FlopCounterMode counts: 2 FLOPs per multiply-add of every matmul,
+convolution and attention product, forward and backward; normalizations, activations, the
+loss and MIMIR's linear solves are left out (a few percent of the total at most). Backward
+costs twice the forward for weight layers (input and weight gradients), except where no input
+gradient is needed (the patch embedding of a plain image). Attention's backward is 2.5 times
+its forward with fused kernels (flash / memory-efficient attention recompute the scores: what
+GPUs run) and 2 times with the unfused math path. MIMIR's attack needs input gradients only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.models.config import ModelConfig
+from pipeline.objectives.config import ObjectiveConfig, ObjectiveName
+
+FUSED_ATTENTION_BACKWARD = 2.5  # flash and memory-efficient kernels
+MATH_ATTENTION_BACKWARD = 2.0  # attention as two batched matmuls
+
+
+@dataclass
+class PassFlops:
+    """Forward FLOPs of one autoencoder pass on one image, split by how backward scales."""
+
+    patch_embed: float
+    linear: float  # every Linear layer after the patch embedding
+    attention: float  # q @ k^T and scores @ v
+
+    @property
+    def forward(self) -> float:
+        return self.patch_embed + self.linear + self.attention
+
+    def training(self, attention_backward: float) -> float:
+        """Forward + backward with weight gradients (the input image needs none)."""
+        return 2 * self.patch_embed + 3 * self.linear + (1 + attention_backward) * self.attention
+
+    def input_gradient(self, attention_backward: float) -> float:
+        """Forward + backward to the input pixels only (MIMIR's attack)."""
+        return 2 * self.patch_embed + 2 * self.linear + (1 + attention_backward) * self.attention
+
+
+def _blocks(tokens: int, dim: int, depth: int, mlp_ratio: float) -> tuple[float, float]:
+    linear = 2 * tokens * dim * (4 * dim + 2 * mlp_ratio * dim)  # qkv, proj, fc1, fc2
+    attention = 2 * 2 * tokens * tokens * dim
+    return depth * linear, depth * attention
+
+
+def autoencoder_pass(cfg: ModelConfig, mask_ratio: float) -> PassFlops:
+    patches, patch_dim = cfg.num_patches, cfg.patch_size**2 * cfg.in_chans
+    dec_dim, dec_depth, _ = cfg.decoder_dims
+    enc_tokens = 1 + (int(patches * (1 - mask_ratio)) if mask_ratio > 0 else patches)
+    dec_tokens = 1 + patches
+    enc_linear, enc_attention = _blocks(enc_tokens, cfg.embed_dim, cfg.depth, cfg.mlp_ratio)
+    dec_linear, dec_attention = _blocks(dec_tokens, dec_dim, dec_depth, cfg.mlp_ratio)
+    heads = 2 * enc_tokens * cfg.embed_dim * dec_dim + 2 * dec_tokens * dec_dim * patch_dim
+    return PassFlops(patch_embed=2 * patches * patch_dim * cfg.embed_dim,
+                     linear=enc_linear + dec_linear + heads, attention=enc_attention + dec_attention)
+
+
+def training_flops_per_image(model: ModelConfig, objective: ObjectiveConfig, batch_size: int,
+                             attention_backward: float = FUSED_ATTENTION_BACKWARD) -> float:
+    """FLOPs of one training step divided by the per-rank batch (MIMIR's nHSIC depends on it)."""
+    name = objective.name
+    ratio = getattr(objective, name.value).mask_ratio
+    main = autoencoder_pass(model, ratio).training(attention_backward)
+    if name is not ObjectiveName.mimir:
+        return main
+    attack = objective.mimir.steps * autoencoder_pass(model, ratio).input_gradient(attention_backward)
+    latent_dim = (1 + int(model.num_patches * (1 - ratio))) * model.embed_dim
+    pixels = model.in_chans * model.img_size**2
+    m = batch_size
+    # Gram matrices of the latent (forward + gradients of both factors) and of the attacked
+    # input (forward only), and the one m x m matmul in the backward of the latent's solve.
+    hsic = (3 * 2 * m * m * latent_dim + 2 * m * m * pixels + 2 * m**3) / m
+    return main + attack + hsic
