@@ -124,3 +124,11 @@ def test_arbitrary_pickle_is_refused(tmp_path):
         pickle.dump({"model": _Payload()}, f)
     with pytest.raises(UserError, match="weights_only=True refuses"):
         load_weights(MaskedAutoencoder(tiny_config()), tmp_path / "evil.pth")
+
+
+def test_mask_stays_float32_under_bf16_autocast():
+    model = MaskedAutoencoder(tiny_config())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 1, 28, 28), torch.rand(2, 49), 0.75)
+    assert out.pred.dtype == torch.bfloat16 and out.mask.dtype == torch.float32
+    assert out.mask.sum() == 2 * 37

@@ -47,7 +47,8 @@ def random_masking(x: torch.Tensor, noise: torch.Tensor, mask_ratio: float):
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]
     kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
-    mask = torch.ones(batch, length, device=x.device, dtype=x.dtype)
+    # float32 whatever the autocast dtype: its sums count patches, exact in float32 (not bf16)
+    mask = torch.ones(batch, length, device=x.device, dtype=torch.float32)
     mask[:, :keep] = 0
     mask = torch.gather(mask, 1, ids_restore)
     return kept, mask, ids_restore
@@ -125,7 +126,7 @@ class MaskedAutoencoder(nn.Module):
     def forward_encoder(self, images: torch.Tensor, mask_noise: Optional[torch.Tensor], mask_ratio: float):
         x = self.patch_embed(images) + self.pos_embed[:, 1:, :]
         if mask_noise is None or mask_ratio == 0:  # NIM: every patch, no masking
-            mask = torch.zeros(x.shape[:2], device=x.device, dtype=x.dtype)
+            mask = torch.zeros(x.shape[:2], device=x.device, dtype=torch.float32)
             ids_restore = None
         else:
             x, mask, ids_restore = random_masking(x, mask_noise, mask_ratio)
