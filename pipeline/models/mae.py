@@ -14,9 +14,8 @@ Nothing here reads a tensor's value on the host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -28,8 +27,10 @@ from timm.layers import PatchEmbed  # noqa: E402
 from timm.models.vision_transformer import Block  # noqa: E402
 
 
-@dataclass
-class MaskedOutput:
+class MaskedOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 attaches its backward hooks (which
+    re-gather a module's own parameters, e.g. mask_token) to tensors inside tuples and dicts."""
+
     pred: torch.Tensor  # [B, L, p*p*C]: per-patch prediction, in the target's (normalized) space
     mask: torch.Tensor  # [B, L]: 1 where the patch was hidden from the encoder, 0 where visible
     latent: torch.Tensor  # [B, 1 + kept, D]: encoder output after its final norm (CLS first)
