@@ -1,6 +1,6 @@
 """The `robustmim` command: one subcommand per stage, each defined in its own package.
 
-A stage module provides `add_arguments(parser)` and `run(args) -> int`. Stage modules keep
+A stage's module provides a function adding its arguments and one running it (`run(args) -> int`). Stage modules keep
 heavy imports (torch, DALI, DeepSpeed) inside `run`, so `robustmim --help` stays fast.
 """
 
@@ -12,20 +12,24 @@ import sys
 
 from robustmim.errors import UserError
 
-# stage name -> (module defining add_arguments/run, one-line help)
+# stage name -> (module, its add-arguments function, its run function, one-line help)
 STAGES = {
-    "shards": ("shards.cli", "build, verify and summarize WebDataset shards"),
+    "shards": ("shards.cli", "add_arguments", "run", "build, verify and summarize WebDataset shards"),
+    "pretrain": ("pipeline.cli", "add_pretrain_arguments", "run_pretrain",
+                 "pretrain an autoencoder (MAE, NIM, DMAE, MIMIR) with DeepSpeed"),
+    "export": ("pipeline.cli", "add_export_arguments", "run_export",
+               "consolidate a pretraining checkpoint into one safetensors file"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robustmim", description=__doc__.splitlines()[0])
     stages = parser.add_subparsers(dest="stage", metavar="<stage>", required=True)
-    for name, (module_name, help_text) in STAGES.items():
+    for name, (module_name, add_arguments, run, help_text) in STAGES.items():
         sub = stages.add_parser(name, help=help_text, description=help_text)
         module = importlib.import_module(module_name)
-        module.add_arguments(sub)
-        sub.set_defaults(_run=module.run)
+        getattr(module, add_arguments)(sub)
+        sub.set_defaults(_run=getattr(module, run))
     return parser
 
 

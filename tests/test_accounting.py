@@ -19,10 +19,11 @@ def test_run_length_in_samples_or_epochs():
     assert RunLength(samples=1000).steps(split_size=60000, global_batch=64) == 16
     assert RunLength(epochs=2).total_samples(60000) == 120000
     assert RunLength(epochs=0.5).steps(60000, 4096) == 8
-    with pytest.raises(ConfigError, match="exactly one of samples and epochs"):
-        load_config(RunLength, None, ["samples=10", "epochs=1"])
-    with pytest.raises(ConfigError, match="exactly one of samples and epochs"):
+    assert load_config(RunLength, None, ["samples=10", "epochs=1"]).total_samples(60000) == 10  # samples win
+    with pytest.raises(ConfigError, match="needs samples or epochs > 0"):
         load_config(RunLength)
+    with pytest.raises(ConfigError, match="needs samples or epochs > 0"):
+        load_config(RunLength, None, ["epochs=-1"])
 
 
 def _rank_main(rank: int, world_size: int, port: int, shards: str, results) -> None:

@@ -16,13 +16,13 @@ import torch.distributed as dist
 
 @dataclass
 class RunLength:
-    samples: int = 0  # all ranks together
-    epochs: float = 0.0  # of the training split; used when samples is 0
+    samples: int = 0  # all ranks together; when set (> 0) it takes precedence over epochs
+    epochs: float = 0.0  # of the training split
 
     def __post_init__(self) -> None:
-        if (self.samples > 0) == (self.epochs > 0) or self.samples < 0 or self.epochs < 0:
-            raise ValueError(f"set exactly one of samples and epochs to a positive value "
-                             f"(got samples={self.samples}, epochs={self.epochs})")
+        if self.samples < 0 or self.epochs < 0 or not (self.samples or self.epochs):
+            raise ValueError(f"a run length needs samples or epochs > 0 (got samples={self.samples}, "
+                             f"epochs={self.epochs})")
 
     def total_samples(self, split_size: int) -> int:
         return self.samples if self.samples else round(self.epochs * split_size)

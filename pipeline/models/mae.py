@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from pipeline.models.config import ModelConfig
 from pipeline.models.pos_embed import sincos_2d
@@ -82,7 +83,20 @@ class MaskedAutoencoder(nn.Module):
         # Normalization constants, kept out of the state dict (not in MAE's checkpoints).
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, -1, 1, 1), persistent=False)
+        self.grad_checkpointing = False
         self.reset_parameters()
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations in backward instead of keeping them (saves memory)."""
+        self.grad_checkpointing = enabled
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
 
     # -- initialization (MAE's) ------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -133,9 +147,7 @@ class MaskedAutoencoder(nn.Module):
             x, mask, ids_restore = random_masking(x, mask_noise, mask_ratio)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x), mask, ids_restore
+        return self.norm(self._run_blocks(self.blocks, x)), mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: Optional[torch.Tensor]) -> torch.Tensor:
         x = self.decoder_embed(latent)
@@ -145,9 +157,7 @@ class MaskedAutoencoder(nn.Module):
             tokens = torch.cat([x[:, 1:, :], fill], dim=1)
             tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
             x = torch.cat([x[:, :1, :], tokens], dim=1)
-        x = x + self.decoder_pos_embed
-        for block in self.decoder_blocks:
-            x = block(x)
+        x = self._run_blocks(self.decoder_blocks, x + self.decoder_pos_embed)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]  # the CLS slot is dropped
 
     def forward(self, images: torch.Tensor, mask_noise: Optional[torch.Tensor] = None,

@@ -1,0 +1,1 @@
+"""The pretraining engine: DeepSpeed ZeRO, sharded checkpoints with exact and elastic resume."""

@@ -1,0 +1,149 @@
+"""Sharded DeepSpeed checkpoints that only become visible when complete.
+
+Layout: <run_dir>/checkpoints/step_NNNNNNNN/ (DeepSpeed's shards, plus `robustmim.json`: step,
+samples seen, world size, config hash) and `latest`, naming the newest complete tag. Every
+rank writes its shards; after a barrier rank 0 writes robustmim.json, then replaces `latest`
+atomically, then prunes all but the last `keep_last` tags. A crash at any point leaves
+`latest` naming a complete checkpoint.
+
+Per-rank state that DeepSpeed's client state would keep only from rank 0 (the loader's DALI
+position, torch RNG states) is gathered and saved in the client state as per-rank lists.
+
+Elastic resume: when the saved world size differs, rank 0 converts the tag to DeepSpeed's
+universal format once (`ds_to_universal --inject_missing_state`, kept as <tag>_universal) and
+the engine loads it with `load_universal`. Model and optimizer state carry over (to float
+rounding); the loaders cannot (DALI's position is per rank and world size), so they restart on
+a stream seeded by (seed, step): the run stays deterministic, but its data order from the
+resume on differs from an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from robustmim.errors import UserError
+from robustmim.fileio import atomic_write_json, atomic_write_text
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST = "latest"
+METADATA = "robustmim.json"
+UNIVERSAL_SUFFIX = "_universal"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+@dataclass
+class ResumePoint:
+    tag: str
+    step: int
+    samples_seen: int
+    world_size: int
+    config_hash: str
+    elastic: bool  # saved on another number of ranks: load the universal conversion
+
+    @property
+    def load_tag(self) -> str:
+        return self.tag + UNIVERSAL_SUFFIX if self.elastic else self.tag
+
+
+def _broadcast(value):
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, keep_last: int, rank: int, world_size: int):
+        self.dir = Path(run_dir) / CHECKPOINTS_DIR
+        self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
+
+    # -- resuming ------------------------------------------------------------------------------
+    def latest_tag(self) -> Optional[str]:
+        path = self.dir / LATEST
+        return path.read_text().strip() if path.is_file() else None
+
+    def resume_point(self) -> Optional[ResumePoint]:
+        """What `latest` names, read by rank 0 and broadcast (all ranks agree); None if nothing."""
+        point = None
+        if self.rank == 0:
+            tag = self.latest_tag()
+            if tag is not None:
+                meta_path = self.dir / tag / METADATA
+                try:
+                    meta = json.loads(meta_path.read_text())
+                except (OSError, ValueError) as e:
+                    point = UserError(f"{self.dir / LATEST} names {tag}, but {meta_path} is unreadable: {e}")
+                else:
+                    point = ResumePoint(tag, meta["step"], meta["samples_seen"], meta["world_size"],
+                                        meta["config_hash"], meta["world_size"] != self.world_size)
+        point = _broadcast(point)
+        if isinstance(point, UserError):
+            raise point
+        if point is not None and point.elastic:
+            self._ensure_universal(point)
+        return point
+
+    def _ensure_universal(self, point: ResumePoint) -> None:
+        target = self.dir / point.load_tag
+        if self.rank == 0 and not (target / METADATA).is_file():
+            partial = target.with_name(target.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            result = subprocess.run(
+                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                 str(self.dir / point.tag), "--output_folder", str(partial), "--inject_missing_state"],
+                capture_output=True, text=True)
+            if result.returncode != 0:
+                error = UserError(f"converting {self.dir / point.tag} to a universal checkpoint for "
+                                  f"{self.world_size} ranks failed:\n{result.stderr[-2000:]}")
+            else:
+                shutil.copy(self.dir / point.tag / METADATA, partial / METADATA)
+                shutil.rmtree(target, ignore_errors=True)
+                partial.rename(target)
+                error = None
+        else:
+            error = None
+        error = _broadcast(error)
+        if error is not None:
+            raise error
+
+    def load(self, engine, point: ResumePoint) -> dict:
+        _, client_state = engine.load_checkpoint(str(self.dir), tag=point.load_tag,
+                                                 load_module_strict=True, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
+        if client_state is None:
+            raise UserError(f"DeepSpeed could not load {self.dir / point.load_tag}")
+        return client_state
+
+    # -- saving --------------------------------------------------------------------------------
+    def save(self, engine, step: int, samples_seen: int, config_hash: str, client_state: dict) -> str:
+        tag = tag_for(step)
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        dist.barrier()  # every rank's shards are on disk
+        if self.rank == 0:
+            atomic_write_json(self.dir / tag / METADATA, {"step": step, "samples_seen": samples_seen,
+                                                          "world_size": self.world_size,
+                                                          "config_hash": config_hash})
+            atomic_write_text(self.dir / LATEST, tag)
+            self._prune(keep=tag)
+        dist.barrier()
+        return tag
+
+    def _prune(self, keep: str) -> None:
+        tags = sorted(p.name for p in self.dir.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
+        originals = [t for t in tags if not t.endswith(UNIVERSAL_SUFFIX)]
+        for old in originals[:-self.keep_last]:
+            if old != keep:
+                shutil.rmtree(self.dir / old, ignore_errors=True)
+                shutil.rmtree(self.dir / (old + UNIVERSAL_SUFFIX), ignore_errors=True)

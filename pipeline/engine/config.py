@@ -1,0 +1,84 @@
+"""`robustmim pretrain` configuration: data, model, objective, optimizer, length, checkpoints."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from pipeline.data.accounting import RunLength
+from pipeline.data.config import LoaderConfig
+from pipeline.models.config import ModelConfig
+from pipeline.objectives.config import ObjectiveConfig
+
+
+class Precision(enum.Enum):
+    auto = "auto"  # bf16 autocast on GPU, fp32 on CPU (bf16 is 14-23x slower on CPUs without it)
+    fp32 = "fp32"
+    bf16 = "bf16"  # fp32 master weights, matmuls under bf16 autocast
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256 (MAE)
+    min_lr: float = 0.0
+    weight_decay: float = 0.05  # none on norms, biases, position embeddings and tokens
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_epochs: float = 40.0  # linear, per step; then half-cycle cosine to min_lr
+    clip_grad: float = 0.0  # max gradient norm; 0 disables
+
+    def __post_init__(self) -> None:
+        if self.base_lr <= 0:
+            raise ValueError(f"optim.base_lr must be positive, got {self.base_lr}")
+        if self.min_lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0 or self.clip_grad < 0:
+            raise ValueError("optim.min_lr, weight_decay, warmup_epochs and clip_grad must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two values in [0, 1), got {list(self.betas)}")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000  # also on SIGTERM / SIGUSR1 and at the end
+    keep_last: int = 3
+    resume: bool = True  # continue from <run_dir>/checkpoints/latest when there is one
+
+    def __post_init__(self) -> None:
+        if self.every_steps <= 0 or self.keep_last <= 0:
+            raise ValueError("checkpoint.every_steps and checkpoint.keep_last must be positive")
+
+
+@dataclass
+class PretrainConfig:
+    run_dir: str = MISSING
+    seed: int = 0
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    length: RunLength = field(default_factory=lambda: RunLength(epochs=800))
+    global_batch: int = 4096
+    micro_batch: int = 64  # per rank and step; accumulation = global / (micro * ranks)
+    zero_stage: int = 2
+    precision: Precision = Precision.auto
+    activation_checkpointing: bool = False
+    log_every: int = 20  # steps between logs, metric reads and signal checks
+    peak_tflops: float = 989.0  # per device, for MFU (H100 dense bf16); set to your hardware's
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.global_batch <= 0 or self.micro_batch <= 0 or self.global_batch % self.micro_batch:
+            raise ValueError(f"global_batch ({self.global_batch}) must be a positive multiple of "
+                             f"micro_batch ({self.micro_batch})")
+        if self.log_every <= 0 or self.peak_tflops <= 0:
+            raise ValueError("log_every and peak_tflops must be positive")
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank; an error if the batch does not split."""
+        per_step = self.micro_batch * world_size
+        if self.global_batch % per_step:
+            raise ValueError(f"global_batch {self.global_batch} is not divisible by {world_size} ranks x "
+                             f"micro_batch {self.micro_batch} = {per_step}")
+        return self.global_batch // per_step

@@ -1,0 +1,66 @@
+"""Logging on rank 0: a progress line, TensorBoard scalars and a JSONL metrics file.
+
+Values are read from the device only at log intervals. On resume the JSONL file is cut back to
+the resumed step, so it always holds one run's curve without the killed run's tail.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+class MetricsLog:
+    def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, total_steps: int):
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_FILE
+        self.start_step, self.total_steps = start_step, total_steps
+        self.started = time.perf_counter()
+        if not enabled:
+            return
+        kept = [r for r in read_metrics(run_dir) if r["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr, disable=None,
+                        dynamic_ncols=True)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"pretrain/{key}", value, record["step"])
+        done = record["step"] - self.start_step
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / max(done, 1) * (self.total_steps - record["step"])
+        summary = (f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['images_per_s']:.0f} img/s "
+                   f"mfu {record['mfu']:.1%} data-wait {record['data_wait']:.0%} eta {eta / 60:.1f} min")
+        if self.bar.disable:  # Slurm logs: plain lines, no escape codes
+            print(f"step {record['step']}/{self.total_steps} {summary}", file=sys.stderr, flush=True)
+        else:
+            self.bar.update(record["step"] - self.bar.n)
+            self.bar.set_postfix_str(summary, refresh=True)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if not self.bar.disable else print)(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()

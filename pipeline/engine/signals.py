@@ -1,0 +1,32 @@
+"""Stop requests from Slurm: SIGTERM (preemption, scancel) and SIGUSR1 (a configured warning
+before the time limit) set a flag; the loop checks it, all ranks together, at log intervals,
+then checkpoints and exits cleanly."""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank if any rank received a stop signal (a collective: call on all ranks)."""
+        flag = torch.tensor([1 if self.signal_name else 0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,206 @@
+"""The pretraining loop: DeepSpeed ZeRO over the autoencoder and its objective, fed by DALI.
+
+Per optimizer step each rank runs `accumulation` micro-batches; DeepSpeed reduces gradients
+and steps the optimizer and the lr schedule on the boundary. Every draw (masks, noise, attack
+starts) comes from a generator seeded by (seed, micro-step, rank) and the loader resumes at its
+exact position, so a resumed run repeats an uninterrupted one. The loop reads values from the
+device only at log intervals: one all-reduce carries the interval's loss and the stop flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from robustmim.config import to_yaml
+from robustmim.errors import UserError
+from robustmim.provenance import write_provenance
+from pipeline.data.dali import DaliLoader, use_gpu
+from pipeline.data.shardset import open_shards
+from pipeline.dist import detect_env, init_distributed, shutdown_distributed
+from pipeline.engine.checkpoint import Checkpointer, ResumePoint
+from pipeline.engine.config import PretrainConfig, Precision
+from pipeline.engine.metrics import MetricsLog
+from pipeline.engine.optim import build_optimizer
+from pipeline.engine.signals import StopRequest
+from pipeline.flops import training_flops_per_image
+from pipeline.models.mae import MaskedAutoencoder
+from pipeline.objectives import build_objective, step_generator
+
+# Sections whose change makes a checkpoint a different run (reported on resume).
+HASHED_SECTIONS = ("model", "objective", "optim", "data", "seed", "global_batch", "micro_batch")
+
+
+class PretrainModule(nn.Module):
+    """What DeepSpeed wraps: the autoencoder under its objective (state dict keys `model.*`)."""
+
+    def __init__(self, model: MaskedAutoencoder, objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator):
+        out = self.objective(self.model, images, generator)
+        return out.loss, out.metrics
+
+
+def config_hashes(cfg: PretrainConfig) -> dict[str, str]:
+    def digest(value) -> str:
+        text = to_yaml(value) if dataclasses.is_dataclass(value) else repr(value)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    return {name: digest(getattr(cfg, name)) for name in HASHED_SECTIONS}
+
+
+def deepspeed_config(cfg: PretrainConfig, accumulation: int, bf16: bool, universal: bool) -> dict:
+    zero = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 1:
+        zero.update(overlap_comm=True, contiguous_gradients=True)
+    config = {"train_batch_size": cfg.global_batch, "train_micro_batch_size_per_gpu": cfg.micro_batch,
+              "gradient_accumulation_steps": accumulation, "zero_optimization": zero,
+              "steps_per_print": 2**31 - 1}
+    if cfg.optim.clip_grad:
+        config["gradient_clipping"] = cfg.optim.clip_grad
+    if bf16:  # fp32 master weights; matmuls in bf16; noise arithmetic stays fp32
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    if universal:
+        config["checkpoint"] = {"load_universal": True}
+    return config
+
+
+def train(cfg: PretrainConfig) -> dict:
+    env = detect_env()
+    on_gpu = use_gpu(cfg.data.device)
+    init_distributed(env, on_gpu)
+    try:
+        return Trainer(cfg, env, on_gpu).run()
+    finally:
+        shutdown_distributed()
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig, env, on_gpu: bool):
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.cfg, self.env = cfg, env
+        self.device = torch.device("cuda", env.local_rank) if on_gpu else torch.device("cpu")
+        try:
+            self.accumulation = cfg.accumulation(env.world_size)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        shards = open_shards(cfg.data.shards, cfg.data.split, cfg.data.verify_hashes)  # before any work
+        self.split_size = shards.total
+        self.total_steps = cfg.length.steps(shards.total, cfg.global_batch)
+        warmup_steps = round(cfg.optim.warmup_epochs * shards.total / cfg.global_batch)
+        self.run_dir = Path(cfg.run_dir)
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_provenance(self.run_dir, cfg, "pretrain")
+        dist.barrier()
+
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last, env.rank, env.world_size)
+        resume = self.checkpointer.resume_point() if cfg.checkpoint.resume else None
+        self.hashes = config_hashes(cfg)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        model = MaskedAutoencoder(cfg.model)
+        model.set_grad_checkpointing(cfg.activation_checkpointing)
+        optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.global_batch, warmup_steps, self.total_steps)
+        bf16 = cfg.precision is Precision.bf16 or (cfg.precision is Precision.auto and on_gpu)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=PretrainModule(model, build_objective(cfg.objective)).to(self.device), optimizer=optimizer,
+            lr_scheduler=scheduler, config=deepspeed_config(cfg, self.accumulation, bf16, bool(resume and resume.elastic)),
+            dist_init_required=False)
+        self.step, self.samples_seen = 0, 0
+        self.loader = self._restore(resume) if resume else self._loader(cfg.data.seed, None)
+        self.flops_per_image = training_flops_per_image(cfg.model, cfg.objective, cfg.micro_batch)
+
+    def _loader(self, seed: int, state) -> DaliLoader:
+        data = dataclasses.replace(self.cfg.data, batch_size=self.cfg.micro_batch, seed=seed)
+        return DaliLoader(data, self.env.rank, self.env.world_size, self.env.local_rank, train=True, state=state)
+
+    def _restore(self, point: ResumePoint) -> DaliLoader:
+        client = self.checkpointer.load(self.engine, point)
+        self.step, self.samples_seen = point.step, point.samples_seen
+        saved = client.get("config_hashes", {})
+        changed = sorted(k for k in self.hashes if saved.get(k) != self.hashes[k])
+        if changed and self.env.is_main:
+            print(f"note: resuming {point.tag} with changed config section(s): {', '.join(changed)}", flush=True)
+        if point.elastic:  # a new world size: a fresh, deterministic stream (see checkpoint.py)
+            return self._loader(self.cfg.data.seed + 1_000_003 * point.step, None)
+        mine = client["ranks"][self.env.rank]
+        torch.set_rng_state(mine["torch_rng"])
+        if self.device.type == "cuda" and mine.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+        return self._loader(self.cfg.data.seed, mine["loader"])
+
+    def _client_state(self) -> dict:
+        mine = {"loader": self.loader.state_dict(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        ranks = [None] * self.env.world_size
+        dist.all_gather_object(ranks, mine)
+        return {"step": self.step, "samples_seen": self.samples_seen, "config_hashes": self.hashes, "ranks": ranks}
+
+    def save(self) -> str:
+        return self.checkpointer.save(self.engine, self.step, self.samples_seen, self.hashes["model"],
+                                      self._client_state())
+
+    def run(self) -> dict:
+        cfg, env = self.cfg, self.env
+        log = MetricsLog(self.run_dir, env.is_main, self.step, self.total_steps)
+        stop = StopRequest()
+        saved_at, stopped_by = self.step if self.step else None, None
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        interval_steps, data_wait, interval_start = 0, 0.0, time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                for micro in range(self.accumulation):
+                    waited = time.perf_counter()
+                    images = next(self.loader).images
+                    data_wait += time.perf_counter() - waited
+                    generator = step_generator(cfg.seed, self.step * self.accumulation + micro, env.rank, self.device)
+                    loss, _ = self.engine(images, generator)
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    loss_sum += loss.detach()
+                self.step += 1
+                self.samples_seen += cfg.global_batch
+                interval_steps += 1
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    # one collective and one host read per interval: [loss sum, stop flag]
+                    packed = torch.stack([loss_sum, torch.tensor(1.0 if stop.signal_name else 0.0,
+                                                                 device=self.device, dtype=torch.float64)])
+                    dist.all_reduce(packed)
+                    loss_total, stop_votes = packed.tolist()
+                    elapsed = time.perf_counter() - interval_start
+                    rate = interval_steps * cfg.global_batch / elapsed
+                    log.log({"step": self.step, "samples": self.samples_seen,
+                             "epoch": self.samples_seen / self.split_size,
+                             "loss": loss_total / (interval_steps * self.accumulation * env.world_size),
+                             "lr": self.engine.get_lr()[0], "images_per_s": rate,
+                             "mfu": rate * self.flops_per_image / (cfg.peak_tflops * 1e12 * env.world_size),
+                             "data_wait": data_wait / elapsed})
+                    loss_sum.zero_()
+                    interval_steps, data_wait, interval_start = 0, 0.0, time.perf_counter()
+                    if stop_votes > 0:
+                        stopped_by = stop.signal_name or "a stop signal on another rank"
+                        break
+                if self.step % cfg.checkpoint.every_steps == 0:
+                    self.save()
+                    saved_at = self.step
+            if saved_at != self.step:
+                self.save()
+            if stopped_by:
+                log.note(f"stopped by {stopped_by} at step {self.step}; checkpoint saved, resume by re-running")
+        finally:
+            stop.restore()
+            log.close()
+        return {"step": self.step, "total_steps": self.total_steps, "samples_seen": self.samples_seen,
+                "stopped_by": stopped_by, "checkpoint": self.checkpointer.latest_tag()}
