@@ -46,6 +46,26 @@ def consolidated_state_dict(checkpoints: Path, tag: str) -> dict[str, torch.Tens
     return {k[len(WRAPPER_PREFIX):]: v.float().contiguous() for k, v in state.items() if k.startswith(WRAPPER_PREFIX)}
 
 
+def fill_fixed_embeddings(state: dict[str, torch.Tensor], model_config: dict | None) -> list[str]:
+    """ZeRO-3's consolidation leaves out frozen parameters; ours are the fixed sin-cos position
+    embeddings, a function of the model config alone, so they are recomputed as at init."""
+    missing = [k for k in ("pos_embed", "decoder_pos_embed") if k not in state]
+    if not missing:
+        return []
+    if model_config is None:
+        raise UserError(f"the checkpoint lacks {missing} and no run config.yaml says how to rebuild them")
+    from robustmim.config import load_config
+    from pipeline.models.config import ModelConfig
+    from pipeline.models.pos_embed import sincos_2d
+
+    cfg = load_config(ModelConfig, None, [f"{k}={v}" for k, v in model_config.items()])
+    grid = cfg.img_size // cfg.patch_size
+    widths = {"pos_embed": cfg.embed_dim, "decoder_pos_embed": cfg.decoder_dims[0]}
+    for key in missing:
+        state[key] = sincos_2d(widths[key], grid).unsqueeze(0)
+    return missing
+
+
 def export_checkpoint(path: str | Path, out: str | Path) -> dict:
     from safetensors.torch import save_file
 
@@ -55,6 +75,7 @@ def export_checkpoint(path: str | Path, out: str | Path) -> dict:
     state = consolidated_state_dict(checkpoints, tag)
     run_config = checkpoints.parent / "config.yaml"
     model_config = yaml.safe_load(run_config.read_text())["model"] if run_config.is_file() else None
+    recomputed = fill_fixed_embeddings(state, model_config)
     meta = json.loads((checkpoints / tag / METADATA).read_text())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +83,7 @@ def export_checkpoint(path: str | Path, out: str | Path) -> dict:
     save_file(state, str(tmp), metadata={"format": EXPORT_FORMAT, "source": str(checkpoints / tag)})
     tmp.replace(out)
     info = {"format": EXPORT_FORMAT, "weights": out.name, "source": str(checkpoints / tag), "step": meta["step"],
-            "samples_seen": meta["samples_seen"], "model": model_config, "tensors": len(state)}
+            "samples_seen": meta["samples_seen"], "model": model_config, "tensors": len(state),
+            "recomputed_fixed_embeddings": recomputed}
     atomic_write_json(out.with_suffix(".json"), info)
     return info

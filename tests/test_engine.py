@@ -1,0 +1,215 @@
+"""The pretraining engine with DeepSpeed on 2 gloo processes (torchrun) and in-process on 1."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from robustmim.config import load_config
+from pipeline.engine.checkpoint import LATEST, METADATA
+from pipeline.engine.config import PretrainConfig
+from pipeline.engine.export import export_checkpoint
+from pipeline.engine.metrics import read_metrics
+
+from conftest import REPO_ROOT
+
+ROBUSTMIM = str(Path(sys.executable).parent / "robustmim")
+STEPS = 12
+
+
+def settings(shards, run_dir, **extra) -> dict:
+    base = {"run_dir": run_dir, "data.shards": shards, "data.split": "val", "data.image_size": 28,
+            "data.channels": 1, "data.num_threads": 1, "data.shuffle_buffer": 256,
+            "model.encoder": "vit_tiny_patch4", "model.decoder": "tiny", "model.img_size": 28,
+            "model.in_chans": 1, "model.pixel_mean": "[0.286]", "model.pixel_std": "[0.353]",
+            "objective.name": "dmae", "optim.warmup_epochs": 0.01, "optim.base_lr": 1e-3,
+            "length.samples": 32 * STEPS, "global_batch": 32, "micro_batch": 16, "log_every": 1,
+            "checkpoint.every_steps": 4, "checkpoint.keep_last": 2, "zero_stage": 2}
+    return {**base, **extra}
+
+
+def launch(shards, run_dir, nproc=2, **extra) -> subprocess.Popen:
+    overrides = [f"{k}={v}" for k, v in settings(shards, run_dir, **extra).items()]
+    return subprocess.Popen([ROBUSTMIM, "pretrain", "--nproc-per-node", str(nproc), *overrides], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(proc, timeout=300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def wait_for(predicate, proc, timeout=180.0, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.communicate()[0][-2000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def last_step(run_dir) -> int:
+    rows = read_metrics(run_dir)
+    return rows[-1]["step"] if rows else 0
+
+
+def curve(run_dir) -> list[tuple]:
+    return [(r["step"], r["samples"], r["loss"], r["lr"]) for r in read_metrics(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, fashion_val_shards):
+    """Uninterrupted 12-step runs, one per ZeRO stage (started together, finished in turn)."""
+    root = tmp_path_factory.mktemp("reference")
+    runs = {stage: root / f"zero{stage}" for stage in (1, 2, 3)}
+    for stage, run_dir in runs.items():
+        finish(launch(fashion_val_shards, run_dir, zero_stage=stage))
+    return runs
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_every_zero_stage_trains(references, stage):
+    losses = [loss for _, _, loss, _ in curve(references[stage])]
+    assert len(losses) == STEPS and sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3
+
+
+def test_zero_stages_agree_in_fp32(references):
+    """Same data, same draws, same math: the stages differ only in how state is partitioned."""
+    curves = [curve(references[s]) for s in (1, 2, 3)]
+    for a, b in zip(curves[0], curves[2]):
+        assert a[:2] == b[:2] and a[2] == pytest.approx(b[2], rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_sigkill_at_a_random_step_then_resume_continues_identically(tmp_path, fashion_val_shards, references, stage):
+    kill_at = random.Random(stage).randint(5, STEPS - 2)
+    run_dir = tmp_path / "run"
+    proc = launch(fashion_val_shards, run_dir, zero_stage=stage)
+    wait_for(lambda: last_step(run_dir) >= kill_at, proc, what=f"step {kill_at}")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (run_dir / "checkpoints" / LATEST).read_text() in ("step_00000004", "step_00000008")
+
+    finish(launch(fashion_val_shards, run_dir, zero_stage=stage))
+    assert curve(run_dir) == curve(references[stage])  # identical values, not merely close
+
+
+def _workers(proc) -> list[psutil.Process]:
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "robustmim.cli" in " ".join(p.cmdline())]
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, fashion_val_shards):
+    run_dir = tmp_path / "run"
+    proc = launch(fashion_val_shards, run_dir, **{"length.samples": 32 * 400, "checkpoint.every_steps": 1000})
+    wait_for(lambda: last_step(run_dir) >= 3, proc, what="step 3")
+    for worker in _workers(proc):  # as Slurm signals every task of a job
+        worker.send_signal(signal.SIGTERM)
+    out = finish(proc, timeout=120)
+    stopped = last_step(run_dir)
+    assert 3 <= stopped < 400
+    assert (run_dir / "checkpoints" / LATEST).read_text() == f"step_{stopped:08d}"
+    assert json.loads((run_dir / "checkpoints" / f"step_{stopped:08d}" / METADATA).read_text())["step"] == stopped
+    assert f"stopped by SIGTERM at step {stopped}" in out
+
+
+def test_a_crash_during_save_leaves_latest_valid(tmp_path, fashion_val_shards, references):
+    run_dir = tmp_path / "run"
+    proc = launch(fashion_val_shards, run_dir)
+    second = run_dir / "checkpoints" / "step_00000008"
+    wait_for(second.exists, proc, what="the second checkpoint to start")
+    os.killpg(proc.pid, signal.SIGKILL)  # while DeepSpeed writes step 8's shards
+    proc.wait()
+    assert not (second / METADATA).exists(), "the kill came after the save completed"
+    assert (run_dir / "checkpoints" / LATEST).read_text() == "step_00000004"
+    finish(launch(fashion_val_shards, run_dir))  # resumes from step 4, over the broken step 8
+    assert curve(run_dir) == curve(references[2])
+
+
+def test_resume_on_one_rank_after_two(tmp_path, fashion_val_shards, references):
+    run_dir = tmp_path / "run"
+    finish(launch(fashion_val_shards, run_dir, **{"length.samples": 32 * 8}))
+    first_eight = curve(run_dir)
+    out = finish(launch(fashion_val_shards, run_dir, nproc=1))  # 12 steps now; accumulation becomes 2
+    assert (run_dir / "checkpoints" / "step_00000008_universal" / METADATA).is_file()
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and rows[-1]["samples"] == 32 * STEPS
+    assert curve(run_dir)[:8] == first_eight
+    assert all(0 < r["loss"] < 2 * rows[7]["loss"] for r in rows[8:])  # continues from the trained state
+    assert "pretrain: step 12/12" in out
+
+
+def test_export_of_zero3_equals_zero1_and_needs_no_world_size(tmp_path, references):
+    """Consolidating 2-rank shards in this single, non-distributed process."""
+    a = export_checkpoint(references[1], tmp_path / "zero1.safetensors")
+    b = export_checkpoint(references[3], tmp_path / "zero3.safetensors")
+    assert a["step"] == b["step"] == STEPS
+    one, three = load_file(tmp_path / "zero1.safetensors"), load_file(tmp_path / "zero3.safetensors")
+    assert set(one) == set(three) and "decoder_pred.weight" in one and "pos_embed" in one
+    for key in one:
+        assert torch.allclose(one[key], three[key], atol=1e-5), key
+
+
+LIVE_WEIGHTS_SCRIPT = """
+import sys, deepspeed
+from safetensors.torch import save_file
+from robustmim.config import load_config
+from pipeline.dist import detect_env, init_distributed, shutdown_distributed
+from pipeline.engine.config import PretrainConfig
+from pipeline.engine.trainer import Trainer
+
+cfg = load_config(PretrainConfig, None, sys.argv[2:])
+env = detect_env()
+init_distributed(env, use_gpu=False)
+trainer = Trainer(cfg, env, on_gpu=False)
+trainer.run()
+model = trainer.engine.module.model
+with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=cfg.zero_stage == 3):
+    save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, sys.argv[1])
+shutdown_distributed()
+"""
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_export_round_trip_equals_the_live_model(tmp_path, fashion_val_shards, stage):
+    """One process trains and dumps its live weights; export must reproduce them exactly."""
+    values = settings(fashion_val_shards, tmp_path / "run", zero_stage=stage, **{"length.samples": 32 * 3})
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29100 + stage)}
+    result = subprocess.run([sys.executable, "-c", LIVE_WEIGHTS_SCRIPT, str(tmp_path / "live.safetensors"),
+                             *[f"{k}={v}" for k, v in values.items()]], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    export_checkpoint(tmp_path / "run", tmp_path / "model.safetensors")
+    live, exported = load_file(tmp_path / "live.safetensors"), load_file(tmp_path / "model.safetensors")
+    assert set(exported) == set(live)
+    for key, value in live.items():
+        assert torch.equal(exported[key], value), key
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.base_lr=-0.1", "optim.base_lr must be positive"),
+    ("objective.name=simclr", "objective.name"),
+    ("data.shards=/nonexistent/shards", "no manifest: /nonexistent/shards/manifest.json"),
+])
+def test_bad_values_are_rejected_before_training(tmp_path, fashion_val_shards, override, message):
+    overrides = [f"{k}={v}" for k, v in settings(fashion_val_shards, tmp_path / "run").items()] + [override]
+    result = subprocess.run([ROBUSTMIM, "pretrain", *overrides], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_global_batch_must_split_over_ranks_and_micro_batches(tmp_path, fashion_val_shards):
+    proc = launch(fashion_val_shards, tmp_path / "run", global_batch=48, micro_batch=16)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "global_batch 48 is not divisible by 2 ranks x micro_batch 16 = 32" in out
+    assert not (tmp_path / "run" / "checkpoints").exists()
