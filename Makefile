@@ -33,9 +33,17 @@ $(FASHION_MNIST)/train-images-idx3-ubyte.gz:
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends dataset-fashion-mnist
 
+# shards -> a tiny DMAE pretraining on 2 ranks with ZeRO-2 -> export. Re-running resumes each stage.
 demo: install fashion-mnist
 	$(BIN)/robustmim shards build --config configs/shards/fashion_mnist.yaml out=$(DEMO_DIR)/shards
-	@echo "demo outputs under $(DEMO_DIR)/"
+	$(BIN)/robustmim pretrain --config configs/pretrain/dmae_tiny_fmnist.yaml --nproc-per-node 2 \
+		run_dir=$(DEMO_DIR)/pretrain_dmae data.shards=$(DEMO_DIR)/shards
+	$(BIN)/robustmim export $(DEMO_DIR)/pretrain_dmae --out $(DEMO_DIR)/dmae_tiny.safetensors
+	@echo
+	@echo "demo outputs:"
+	@echo "  shards:          $(DEMO_DIR)/shards/ (manifest.json, skipped.jsonl)"
+	@echo "  pretraining:     $(DEMO_DIR)/pretrain_dmae/ (checkpoints/, metrics.jsonl, tensorboard/, config.yaml)"
+	@echo "  exported model:  $(DEMO_DIR)/dmae_tiny.safetensors (+ .json with the model config)"
 
 test: install fashion-mnist
 	$(BIN)/python -m pytest -q
@@ -43,6 +51,8 @@ test: install fashion-mnist
 bench: install fashion-mnist
 	$(BIN)/python -m bench.shards
 	$(BIN)/python -m bench.loader
+	$(BIN)/python -m bench.step
+	$(BIN)/python -m bench.engine
 
 # Re-pin every package after a change of pyproject.toml's dependencies.
 lock: install

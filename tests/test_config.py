@@ -67,8 +67,16 @@ def test_malformed_override_and_missing_file(tmp_path):
 
 
 def test_shipped_configs_load():
-    for path in sorted((REPO_ROOT / "configs" / "shards").glob("*.yaml")):
+    from pipeline.engine.config import PretrainConfig
+
+    shards = sorted((REPO_ROOT / "configs" / "shards").glob("*.yaml"))
+    pretrain = sorted((REPO_ROOT / "configs" / "pretrain").glob("*.yaml"))
+    assert len(shards) == 2 and len(pretrain) == 8
+    for path in shards:
         load_config(ShardsConfig, path, ["out=/x"])
+    for path in pretrain:
+        cfg = load_config(PretrainConfig, path)
+        assert cfg.objective.name.value == path.name.split("_")[0]
 
 
 def test_resolved_config_and_git_sha_written_beside_output(tmp_path):

@@ -1,0 +1,123 @@
+"""Step time of DeepSpeed ZeRO 1/2/3 against plain PyTorch DDP: same model, ranks and batches.
+
+    .venv/bin/python -m bench.engine [--nproc 2] [--encoder vit_tiny_patch4] [--batch 64]
+
+Each mode runs in its own torchrun launch (gloo on CPU, NCCL on GPU) on synthetic batches held
+in memory, so only the engine differs: MAE objective, AdamW, median of --steps after warm-up.
+Target: ZeRO-2 within 10% of DDP.
+"""
+
+from __future__ import annotations
+
+import sys
+
+if not __package__:  # run as a file, bench/ would come first on sys.path and bench/shards.py hide `shards`
+    sys.exit("run from the repository root as: python -m bench.engine")
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import time
+
+MODES = ("ddp", "zero1", "zero2", "zero3")
+
+
+def worker(args) -> None:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from robustmim.config import load_config
+    from pipeline.dist import detect_env, init_distributed
+    from pipeline.engine.trainer import PretrainModule
+    from pipeline.models.config import ModelConfig
+    from pipeline.models.mae import MaskedAutoencoder
+    from pipeline.objectives import ObjectiveConfig, build_objective, step_generator
+
+    env = detect_env()
+    on_gpu = torch.cuda.is_available()
+    init_distributed(env, on_gpu)
+    device = torch.device("cuda", env.local_rank) if on_gpu else torch.device("cpu")
+    tiny = args.encoder.startswith("vit_tiny")
+    size, channels = (28, 1) if tiny else (224, 3)
+    model_cfg = load_config(ModelConfig, None, [f"encoder={args.encoder}", f"decoder={'tiny' if tiny else 'mae'}",
+                                                f"img_size={size}", f"in_chans={channels}",
+                                                f"pixel_mean={[0.5] * channels}", f"pixel_std={[0.5] * channels}"])
+    torch.manual_seed(0)
+    module = PretrainModule(MaskedAutoencoder(model_cfg), build_objective(load_config(ObjectiveConfig))).to(device)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    if args.mode == "ddp":
+        engine = torch.nn.parallel.DistributedDataParallel(module, device_ids=[env.local_rank] if on_gpu else None)
+
+        def step(images, generator):
+            loss, _ = engine(images, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    else:
+        stage = int(args.mode[-1])
+        config = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True},
+                  "steps_per_print": 2**31 - 1}
+        if on_gpu:
+            config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
+                                               dist_init_required=False)
+
+        def step(images, generator):
+            loss, _ = engine(images, generator)
+            engine.backward(loss)
+            engine.step()
+
+    images = torch.rand(args.batch, channels, size, size, device=device)
+    times = []
+    for i in range(args.warmup + args.steps):
+        dist.barrier()
+        start = time.perf_counter()
+        step(images, step_generator(0, i, env.rank, device))
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        dist.barrier()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    if env.rank == 0:
+        print("RESULT " + json.dumps({"mode": args.mode, "median_s": statistics.median(times)}), flush=True)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--encoder", default="vit_tiny_patch4")
+    parser.add_argument("--batch", type=int, default=64, help="per rank")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # set for the workers
+    args = parser.parse_args()
+    if args.mode:
+        return worker(args)
+    results = {}
+    for mode in MODES:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+                   "--master_port", str(port), "-m", "bench.engine", "--mode", mode, "--encoder", args.encoder,
+                   "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+        out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"{mode} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+        results[mode] = json.loads(line[len("RESULT "):])["median_s"]
+    ddp = results["ddp"]
+    print(f"\nengine step time: {args.encoder}, {args.nproc} ranks x batch {args.batch}, MAE objective")
+    print(f"{'engine':<8} {'ms/step':>9} {'images/s':>9} {'vs DDP':>7}")
+    for mode, seconds in results.items():
+        print(f"{mode:<8} {seconds * 1e3:>9.1f} {args.nproc * args.batch / seconds:>9.0f} {seconds / ddp:>7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
