@@ -80,6 +80,9 @@ def references(tmp_path_factory, fashion_val_shards):
 def test_every_zero_stage_trains(references, stage):
     losses = [loss for _, _, loss, _ in curve(references[stage])]
     assert len(losses) == STEPS and sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3
+    checkpoints = references[stage] / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000008", "step_00000012"]  # keep 2
+    assert (checkpoints / LATEST).read_text() == "step_00000012"
 
 
 def test_zero_stages_agree_in_fp32(references):
@@ -107,18 +110,23 @@ def _workers(proc) -> list[psutil.Process]:
     return [p for p in psutil.Process(proc.pid).children(recursive=True) if "robustmim.cli" in " ".join(p.cmdline())]
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, fashion_val_shards):
+@pytest.mark.parametrize("sig, to_all", [(signal.SIGTERM, True), (signal.SIGUSR1, False)])
+def test_stop_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, fashion_val_shards, sig, to_all):
+    """SIGTERM to every task (Slurm's preemption), or SIGUSR1 to one rank only: all ranks stop together."""
     run_dir = tmp_path / "run"
     proc = launch(fashion_val_shards, run_dir, **{"length.samples": 32 * 400, "checkpoint.every_steps": 1000})
     wait_for(lambda: last_step(run_dir) >= 3, proc, what="step 3")
-    for worker in _workers(proc):  # as Slurm signals every task of a job
-        worker.send_signal(signal.SIGTERM)
+    workers = sorted(_workers(proc), key=lambda p: p.pid)
+    assert len(workers) == 2
+    for worker in workers if to_all else workers[1:]:
+        worker.send_signal(sig)
     out = finish(proc, timeout=120)
     stopped = last_step(run_dir)
     assert 3 <= stopped < 400
     assert (run_dir / "checkpoints" / LATEST).read_text() == f"step_{stopped:08d}"
     assert json.loads((run_dir / "checkpoints" / f"step_{stopped:08d}" / METADATA).read_text())["step"] == stopped
-    assert f"stopped by SIGTERM at step {stopped}" in out
+    assert f"at step {stopped}; checkpoint saved" in out
+    assert (f"stopped by {sig.name}" if to_all else "stopped by") in out
 
 
 def test_a_crash_during_save_leaves_latest_valid(tmp_path, fashion_val_shards, references):

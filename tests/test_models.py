@@ -132,3 +132,17 @@ def test_mask_stays_float32_under_bf16_autocast():
         out = model(torch.randn(2, 1, 28, 28), torch.rand(2, 49), 0.75)
     assert out.pred.dtype == torch.bfloat16 and out.mask.dtype == torch.float32
     assert out.mask.sum() == 2 * 37
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    plain = MaskedAutoencoder(tiny_config())
+    checkpointed = MaskedAutoencoder(tiny_config())
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.set_grad_checkpointing(True)
+    images, noise = torch.randn(4, 1, 28, 28), torch.rand(4, 49)
+    for model in (plain, checkpointed):
+        model(images, noise, 0.75).pred.square().mean().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, atol=1e-6), name
