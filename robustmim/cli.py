@@ -19,12 +19,15 @@ STAGES = {
                  "pretrain an autoencoder (MAE, NIM, DMAE, MIMIR) with DeepSpeed"),
     "export": ("pipeline.cli", "add_export_arguments", "run_export",
                "consolidate a pretraining checkpoint into one safetensors file"),
+    "submit": ("slurm.cli", "add_submit_arguments", "run_submit",
+               "send a stage to Slurm (or the local executor) through submitit"),
+    "status": ("slurm.cli", "add_status_arguments", "run_status", "show a run's jobs, last step and checkpoint"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robustmim", description=__doc__.splitlines()[0])
-    stages = parser.add_subparsers(dest="stage", metavar="<stage>", required=True)
+    stages = parser.add_subparsers(dest="command", metavar="<stage>", required=True)
     for name, (module_name, add_arguments, run, help_text) in STAGES.items():
         sub = stages.add_parser(name, help=help_text, description=help_text)
         module = importlib.import_module(module_name)
@@ -38,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserError as e:
-        print(f"robustmim {args.stage}: error: {e}", file=sys.stderr)
+        print(f"robustmim {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"robustmim {args.stage}: interrupted", file=sys.stderr)
+        print(f"robustmim {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -12,12 +12,34 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence, TypeVar
 
+import re
+
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from robustmim.errors import ConfigError
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML without YAML 1.1's base-60 numbers: there `72:00:00` is the integer 259200 and `1:30`
+    is 90, so a Slurm time limit would silently become months. Here both stay strings."""
+
+
+_INT = re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0b[01_]+|0x[0-9a-fA-F_]+|0o?[0-7_]+)$")
+_FLOAT = re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
+                    r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
@@ -36,22 +58,30 @@ def _read_file(path: str | Path) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        layer = OmegaConf.load(path)
-    except Exception as e:  # YAML syntax errors come in several exception types
+        data = parse_yaml(path.read_text())
+    except yaml.YAMLError as e:
         raise ConfigError(f"{path}: cannot parse: {e}") from None
-    if not isinstance(layer, DictConfig):
+    if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
-    return layer
+    return OmegaConf.create(data)
 
 
 def _read_overrides(overrides: Sequence[str]) -> DictConfig:
+    tree: dict = {}
     for item in overrides:
-        if "=" not in item or item.startswith("="):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key=value")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"overrides {list(overrides)}: {e.msg}") from None
+        try:
+            parsed = parse_yaml(value) if value else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': cannot parse the value: {e}") from None
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = parsed
+    return OmegaConf.create(tree)
 
 
 def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:

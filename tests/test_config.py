@@ -89,3 +89,17 @@ def test_resolved_config_and_git_sha_written_beside_output(tmp_path):
     assert record["git_sha"] == head.stdout.strip() and len(record["git_sha"]) == 40
     assert record["stage"] == "shards build"
     assert load_config(ShardsConfig, tmp_path / "config.yaml") == cfg  # the record reloads as the same config
+
+
+def test_times_are_not_read_as_base_60_numbers(tmp_path):
+    """YAML 1.1 reads 72:00:00 as 259200; a Slurm time limit must stay what was written."""
+    from slurm.config import SlurmConfig, time_minutes
+
+    path = tmp_path / "slurm.yaml"
+    path.write_text("time: 72:00:00\nnodes: 2\n")
+    cfg = load_config(SlurmConfig, path, ["signal_delay_s=90"])
+    assert cfg.time == "72:00:00" and time_minutes(cfg.time) == 4320 and cfg.nodes == 2
+    assert load_config(SlurmConfig, None, ["time=1:30"]).time == "1:30"
+    with pytest.raises(ConfigError, match=r"time '1:2:3:4' is not a Slurm time"):
+        load_config(SlurmConfig, None, ["time=1:2:3:4"])
+    assert load_config(ShardsConfig, None, ["out=/x", "seed=019"]).seed == 19  # strings convert as before

@@ -1,0 +1,95 @@
+"""`robustmim submit <stage>` and `robustmim status <run_dir>`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# flag -> SlurmConfig key
+FLAGS = {"nodes": int, "gpus_per_node": int, "tasks_per_node": int, "cpus_per_task": int, "mem_gb": int,
+         "partition": str, "account": str, "qos": str, "time": str, "constraint": str,
+         "signal_delay_s": int, "max_requeues": int, "cluster": str, "job_name": str}
+
+
+def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("stage", choices=["pretrain", "check"],
+                        help="pretrain: a pretraining run; check: a distributed all-reduce smoke test")
+    parser.add_argument("--config", help="the stage's experiment YAML")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="the stage's dotted overrides")
+    parser.add_argument("--slurm-config", help="YAML of SlurmConfig values; flags below override it")
+    for name, kind in FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, dest=f"slurm_{name}")
+    parser.add_argument("--exclusive", action="store_true", dest="slurm_exclusive")
+    parser.add_argument("--run-dir", help="where a `check` job writes (pretrain uses its run_dir)")
+    parser.add_argument("--dry-run", action="store_true", help="print the batch script and plan; submit nothing")
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from robustmim.config import load_config
+    from robustmim.errors import UserError
+    from slurm.config import SlurmConfig
+    from slurm.launch import estimate_memory, submit
+
+    flags = [f"{name}={getattr(args, 'slurm_' + name)}" for name in FLAGS if getattr(args, "slurm_" + name) is not None]
+    if args.slurm_exclusive:
+        flags.append("exclusive=true")
+    slurm_cfg = load_config(SlurmConfig, args.slurm_config, flags)
+    describe = ""
+    if args.stage == "pretrain":
+        from pipeline.engine.config import PretrainConfig
+
+        cfg = load_config(PretrainConfig, args.config, args.overrides)
+        try:
+            accumulation = cfg.accumulation(slurm_cfg.tasks)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        run_dir = Path(cfg.run_dir)
+        memory = estimate_memory(cfg.model, cfg.zero_stage, slurm_cfg.tasks)
+        describe = (f"# per rank: micro batch {cfg.micro_batch} x {accumulation} accumulation step(s); global batch "
+                    f"{cfg.global_batch}\n# memory: {memory.describe()} (ZeRO-{cfg.zero_stage})")
+    else:
+        if not args.run_dir:
+            raise UserError("a check job needs --run-dir")
+        run_dir = Path(args.run_dir)
+    job_id = submit(args.stage, run_dir.resolve(), args.config, args.overrides, slurm_cfg, args.dry_run, describe)
+    if job_id:
+        print(f"submitted {args.stage} as job {job_id}; logs in {run_dir / 'slurm' / job_id}; "
+              f"`robustmim status {run_dir}` shows its progress")
+    return 0
+
+
+def add_status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir")
+
+
+def run_status(args: argparse.Namespace) -> int:
+    import json
+
+    from robustmim.errors import UserError
+    from slurm.jobs import FINISHED, job_state, read_submissions
+
+    run_dir = Path(args.run_dir)
+    submissions = read_submissions(run_dir)
+    if not submissions:
+        raise UserError(f"no jobs submitted for {run_dir} (no {run_dir / 'jobs.jsonl'})")
+    attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()] \
+        if (run_dir / "attempts.jsonl").is_file() else []
+    problems = 0
+    for job in submissions:
+        state = job_state(job["job_id"]) if job["cluster"] == "slurm" else "local"
+        starts = sum(1 for a in attempts if a["job_id"] == job["job_id"])
+        print(f"job {job['job_id']} ({job['stage']}, {job['tasks']} task(s), submitted {job['time']}): {state}, "
+              f"started {starts} time(s)")
+        if state in FINISHED - {"COMPLETED"}:
+            problems += 1
+            errors = sorted(Path(job["logs"]).glob("*_0_log.err"))
+            tail = errors[0].read_text().strip().splitlines()[-5:] if errors else ["(no log yet)"]
+            print(f"  error log: {errors[0] if errors else job['logs']}")
+            print("".join(f"    {line}\n" for line in tail), end="")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.read_text().strip():
+        last = json.loads(metrics.read_text().strip().splitlines()[-1])
+        print(f"last logged step {last['step']} ({last['samples']} samples, loss {last['loss']:.4f})")
+    latest = run_dir / "checkpoints" / "latest"
+    print(f"last checkpoint: {latest.read_text().strip() if latest.is_file() else 'none'}")
+    return 1 if problems else 0

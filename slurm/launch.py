@@ -1,0 +1,110 @@
+"""Submitting a stage with submitit: executor settings, a pre-flight check, dry runs.
+
+Before anything is queued: the time format is checked, and on Slurm the exact batch script
+submitit would submit goes through `sbatch --test-only`, so Slurm itself rejects an unknown
+partition, account or QOS, or more nodes, tasks or CPUs than the cluster has, with its own
+message. Logs of every task land under <run_dir>/slurm/<job id>/.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+
+from robustmim.errors import UserError
+from slurm.config import ClusterKind, SlurmConfig, time_minutes
+from slurm.job import StageJob
+from slurm.jobs import record_submission
+
+
+def resolve_cluster(kind: ClusterKind) -> str:
+    if kind is ClusterKind.auto:
+        return "slurm" if shutil.which("sbatch") else "local"
+    if kind is ClusterKind.slurm and not shutil.which("sbatch"):
+        raise UserError("cluster=slurm, but there is no `sbatch` on this machine")
+    return kind.value
+
+
+def make_executor(cfg: SlurmConfig, run_dir: Path) -> tuple[submitit.AutoExecutor, str]:
+    cluster = resolve_cluster(cfg.cluster)
+    executor = submitit.AutoExecutor(folder=str(run_dir / "slurm" / "%j"), cluster=cluster,
+                                     slurm_max_num_timeout=cfg.max_requeues)
+    params = dict(name=cfg.job_name, nodes=cfg.nodes, tasks_per_node=cfg.gpus_per_node or cfg.tasks_per_node,
+                  cpus_per_task=cfg.cpus_per_task, timeout_min=time_minutes(cfg.time))
+    if cfg.gpus_per_node:
+        params["gpus_per_node"] = cfg.gpus_per_node
+    if cfg.mem_gb:
+        params["mem_gb"] = cfg.mem_gb
+    if cluster == "slurm":
+        params["slurm_signal_delay_s"] = cfg.signal_delay_s
+        for key in ("partition", "account", "qos", "constraint"):
+            if getattr(cfg, key):
+                params[f"slurm_{key}"] = getattr(cfg, key)
+        if cfg.exclusive:
+            params["slurm_exclusive"] = True
+    executor.update_parameters(**params)
+    return executor, cluster
+
+
+def sbatch_script(executor: submitit.AutoExecutor) -> str:
+    """The batch script submitit writes for a job (its own private helper; submitit is pinned)."""
+    return executor._executor._make_submission_file_text(executor._executor._submitit_command_str, "dry-run")
+
+
+def preflight(executor: submitit.AutoExecutor) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".sh") as script:
+        script.write(sbatch_script(executor))
+        script.flush()
+        result = subprocess.run(["sbatch", "--test-only", script.name], capture_output=True, text=True, timeout=60)
+    # --test-only reports on stderr even when the job would run ("... to start at ...")
+    if result.returncode != 0:
+        raise UserError("Slurm rejects this job: " + (result.stderr.strip() or result.stdout.strip()))
+
+
+@dataclass
+class MemoryEstimate:
+    params: int
+    model_states_gb: float  # fp32 weights + gradients + Adam moments, as partitioned by ZeRO
+
+    def describe(self) -> str:
+        return (f"{self.params / 1e6:.1f}M parameters; model states ~{self.model_states_gb:.2f} GB per GPU "
+                "(fp32 weights, gradients, Adam moments; activations and DALI buffers come on top)")
+
+
+def estimate_memory(model_cfg, zero_stage: int, world_size: int) -> MemoryEstimate:
+    import torch
+
+    from pipeline.models.mae import MaskedAutoencoder
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in MaskedAutoencoder(model_cfg).parameters())
+    weights, grads, adam = 4 * params, 4 * params, 8 * params
+    shared = {0: (weights + grads + adam, 0), 1: (weights + grads, adam), 2: (weights, grads + adam),
+              3: (0, weights + grads + adam)}[zero_stage]
+    return MemoryEstimate(params, (shared[0] + shared[1] / world_size) / 1e9)
+
+
+def submit(stage: str, run_dir: Path, config_path: str | None, overrides: list[str], cfg: SlurmConfig,
+           dry_run: bool, describe: str = "") -> str | None:
+    executor, cluster = make_executor(cfg, run_dir)
+    if dry_run:
+        if cluster == "slurm":
+            print(sbatch_script(executor))
+        else:
+            print(f"# local executor: {cfg.tasks} process(es) on this machine, no batch script")
+        print(f"# world size: {cfg.tasks} ({cfg.nodes} node(s) x {cfg.gpus_per_node or cfg.tasks_per_node} task(s))")
+        if describe:
+            print(describe)
+        return None
+    if cluster == "slurm":
+        preflight(executor)
+    job = executor.submit(StageJob(stage, str(run_dir), config_path, overrides))
+    record_submission(run_dir, {"job_id": job.job_id, "stage": stage, "cluster": cluster, "tasks": cfg.tasks,
+                                "logs": str(run_dir / "slurm" / job.job_id), "config": config_path,
+                                "overrides": overrides})
+    return job.job_id
