@@ -48,6 +48,14 @@ class StageJob(submitit.helpers.Checkpointable):
         self.stage, self.run_dir, self.config_path, self.overrides = stage, run_dir, config_path, list(overrides)
 
     def _export_dist_env(self) -> dict:
+        import torch
+
+        # One compute thread per allocated CPU, as torchrun does, instead of one per core of the
+        # node: no oversubscription, and the same float summation order as a torchrun run.
+        threads = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
+        if threads and "OMP_NUM_THREADS" not in os.environ:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            torch.set_num_threads(threads)
         env = submitit.JobEnvironment()
         os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
                           MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(slurm_port(str(env.job_id))))

@@ -64,12 +64,16 @@ def _node_line(hostname: str, port: int) -> str:
     return f"NodeName={hostname} NodeAddr=127.0.0.1 Port={port} {resources} State=UNKNOWN"
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))  # Slurm 22.05 binds on all interfaces, so look for a port free on all
+        return s.getsockname()[1]
+
+
 @dataclass
 class LocalCluster:
     directory: Path
     partition: str = "debug"
-    ctld_port: int = 16817
-    slurmd_port: int = 16818
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory).resolve()
@@ -105,10 +109,11 @@ class LocalCluster:
         if not key.exists():
             key.write_bytes(os.urandom(1024))
             key.chmod(0o400)
+        ctld_port, slurmd_port = _free_port(), _free_port()
         self.conf.write_text(f"""# written by slurm/local_cluster.py: a one-node cluster on loopback
 ClusterName=robustmim-local
 SlurmctldHost={self.hostname}(127.0.0.1)
-SlurmctldPort={self.ctld_port}
+SlurmctldPort={ctld_port}
 SlurmUser=root
 AuthType=auth/munge
 AuthInfo=socket={self.munge_socket},cred_expire=10
@@ -132,7 +137,7 @@ KillWait=15
 MessageTimeout=10
 InactiveLimit=0
 FirstJobId={int(time.time()) % 1_000_000 * 10 + 1}
-{_node_line(self.hostname, self.slurmd_port)}
+{_node_line(self.hostname, slurmd_port)}
 PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
 
@@ -153,6 +158,14 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             return time.monotonic() - began
         self.stop()
         self._write_config()
+        try:
+            self._start_daemons(began, timeout)
+        except BaseException:
+            self.stop()  # nothing half-started stays behind
+            raise
+        return time.monotonic() - began
+
+    def _start_daemons(self, began: float, timeout: float) -> None:
         self._spawn("munged", "--force", f"--key-file={self.directory / 'munge.key'}",
                     f"--socket={self.munge_socket}", f"--pid-file={self._pid_file('munged')}",
                     f"--log-file={self.directory / 'logs' / 'munged.log'}",
@@ -161,7 +174,6 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self._spawn("slurmctld", "-D", "-i", "-f", str(self.conf))
         self._spawn("slurmd", "-D", "-f", str(self.conf), "-N", self.hostname)
         self._wait(lambda: self.node_state() == "idle", began, timeout, "the node to become idle")
-        return time.monotonic() - began
 
     def _wait(self, ready, began: float, timeout: float, what: str) -> None:
         while not ready():

@@ -77,3 +77,23 @@ def jpeg_shards(tmp_path_factory) -> Path:
     out = root / "shards"
     build(source="imagenet", input=root / "in", out=out, splits="[train]", shard_max_samples=16, workers=2)
     return out
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real Slurm (slurmctld + slurmd + munged) on loopback for the whole session."""
+    import os
+
+    from slurm.local_cluster import LocalCluster
+
+    cluster = LocalCluster(tmp_path_factory.mktemp("slurm"))
+    seconds = cluster.start()
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)  # sbatch, squeue and submitit find it through this
+    print(f"\nlocal Slurm cluster up in {seconds:.1f} s")
+    yield cluster
+    cluster.stop()
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = previous

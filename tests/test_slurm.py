@@ -1,0 +1,84 @@
+"""Launching through submitit against a real local Slurm cluster."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from submitit.slurm.slurm import SlurmJob
+
+from robustmim.config import load_config
+from pipeline.engine.metrics import read_metrics
+from slurm.config import SlurmConfig
+from slurm.jobs import read_submissions, wait_finished
+from slurm.launch import submit
+
+from conftest import REPO_ROOT
+from test_engine import curve, finish, launch, settings
+
+ROBUSTMIM = str(Path(sys.executable).parent / "robustmim")
+CPU_TASKS = ["tasks_per_node=2", "cpus_per_task=1", "time=10", "cluster=slurm"]
+
+
+def run_cli(*args):
+    return subprocess.run([ROBUSTMIM, *map(str, args)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+
+
+def test_two_task_job_all_reduces_over_gloo(slurm_cluster, tmp_path):
+    job_id = submit("check", tmp_path, None, [], load_config(SlurmConfig, None, CPU_TASKS), dry_run=False)
+    assert wait_finished(job_id, timeout_s=120) == "COMPLETED"
+    results = SlurmJob(folder=tmp_path / "slurm" / "%j", job_id=job_id, tasks=(0, 1)).results()
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert all(r["world_size"] == 2 and r["sum"] == 3.0 for r in results)  # 1 + 2 on every rank
+    assert read_submissions(tmp_path)[0]["job_id"] == job_id
+    status = run_cli("status", tmp_path)
+    assert status.returncode == 0 and f"job {job_id} (check, 2 task(s)" in status.stdout and "COMPLETED" in status.stdout
+
+
+def test_dry_run_prints_the_script_and_submits_nothing(slurm_cluster, tmp_path, fashion_val_shards):
+    overrides = [f"{k}={v}" for k, v in settings(fashion_val_shards, tmp_path / "run").items()]
+    result = run_cli("submit", "pretrain", *overrides, "--tasks-per-node", 2, "--cpus-per-task", 1,
+                     "--time", "1-12:00", "--partition", "debug", "--signal-delay-s", 90, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for line in ("#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=1", "#SBATCH --time=2160",
+                 "#SBATCH --partition=debug", "#SBATCH --signal=USR2@90", "#SBATCH --nodes=1",
+                 f"#SBATCH --output={tmp_path / 'run'}/slurm/%j/%j_0_log.out", "srun --unbuffered",
+                 "# world size: 2 (1 node(s) x 2 task(s))",
+                 "# per rank: micro batch 16 x 1 accumulation step(s); global batch 32",
+                 "2.2M parameters; model states ~0.02 GB per GPU"):
+        assert line in out, line
+    assert not (tmp_path / "run" / "jobs.jsonl").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--partition", "gpu-h100"], "invalid partition specified: gpu-h100"),
+    (["--time", "1:2:3:4"], "time '1:2:3:4' is not a Slurm time"),
+    (["--tasks-per-node", 3], "Requested node configuration is not available"),
+    (["--nodes", 2], "Requested node configuration is not available"),
+])
+def test_bad_inputs_are_rejected_before_anything_is_queued(slurm_cluster, tmp_path, flags, message):
+    result = run_cli("submit", "check", "--run-dir", tmp_path, "--cpus-per-task", 1, "--time", 5, *flags)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "jobs.jsonl").exists()
+
+
+def test_pretraining_requeued_mid_run_finishes_like_an_uninterrupted_run(slurm_cluster, tmp_path, fashion_val_shards):
+    reference = tmp_path / "reference"
+    finish(launch(fashion_val_shards, reference))  # the same 2 ranks under torchrun, uninterrupted
+    run_dir = tmp_path / "run"
+    overrides = [f"{k}={v}" for k, v in settings(fashion_val_shards, run_dir).items()]
+    job_id = submit("pretrain", run_dir, None, overrides, load_config(SlurmConfig, None, CPU_TASKS), dry_run=False)
+    deadline = time.monotonic() + 180
+    while not (read_metrics(run_dir) and read_metrics(run_dir)[-1]["step"] >= 6):
+        assert time.monotonic() < deadline, "the job made no progress"
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    assert wait_finished(job_id, timeout_s=300) == "COMPLETED"
+    attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [a["restarts"] for a in attempts] == [0, 1]  # started twice, the second time as a requeue
+    assert curve(run_dir) == curve(reference)
+    status = run_cli("status", run_dir)
+    assert "started 2 time(s)" in status.stdout and "last checkpoint: step_00000012" in status.stdout
