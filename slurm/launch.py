@@ -89,6 +89,18 @@ def estimate_memory(model_cfg, zero_stage: int, world_size: int) -> MemoryEstima
     return MemoryEstimate(params, (shared[0] + shared[1] / world_size) / 1e9)
 
 
+def submit_array(function, items: list, cfg: SlurmConfig, run_dir: Path, stage: str = "array") -> list[str]:
+    """One array task per item (e.g. one per evaluation shard); returns the tasks' job ids."""
+    executor, cluster = make_executor(cfg, run_dir)
+    if cluster == "slurm":
+        preflight(executor)
+    jobs = executor.map_array(function, items)
+    for job in jobs:
+        record_submission(run_dir, {"job_id": job.job_id, "stage": stage, "cluster": cluster, "tasks": cfg.tasks,
+                                    "logs": str(run_dir / "slurm" / job.job_id.split("_")[0])})
+    return [job.job_id for job in jobs]
+
+
 def submit(stage: str, run_dir: Path, config_path: str | None, overrides: list[str], cfg: SlurmConfig,
            dry_run: bool, describe: str = "") -> str | None:
     executor, cluster = make_executor(cfg, run_dir)

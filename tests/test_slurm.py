@@ -13,7 +13,7 @@ from robustmim.config import load_config
 from pipeline.engine.metrics import read_metrics
 from slurm.config import SlurmConfig
 from slurm.jobs import read_submissions, wait_finished
-from slurm.launch import submit
+from slurm.launch import submit, submit_array
 
 from conftest import REPO_ROOT
 from test_engine import curve, finish, launch, settings
@@ -82,3 +82,37 @@ def test_pretraining_requeued_mid_run_finishes_like_an_uninterrupted_run(slurm_c
     assert curve(run_dir) == curve(reference)
     status = run_cli("status", run_dir)
     assert "started 2 time(s)" in status.stdout and "last checkpoint: step_00000012" in status.stdout
+
+
+def test_array_job_completes(slurm_cluster, tmp_path):
+    import math
+
+    cfg = load_config(SlurmConfig, None, ["tasks_per_node=1", "cpus_per_task=1", "time=5", "cluster=slurm"])
+    job_ids = submit_array(math.factorial, [3, 4, 5, 6], cfg, tmp_path)
+    assert len(job_ids) == 4 and len({j.split("_")[0] for j in job_ids}) == 1  # one array, four tasks
+    assert [wait_finished(j, timeout_s=120) for j in job_ids] == ["COMPLETED"] * 4
+    array_id = job_ids[0].split("_")[0]
+    results = [SlurmJob(folder=tmp_path / "slurm" / "%j", job_id=j).result() for j in job_ids]
+    assert results == [6, 24, 120, 720] and (tmp_path / "slurm" / array_id).is_dir()
+
+
+def test_a_failed_job_shows_its_error_and_log_in_status(slurm_cluster, tmp_path, fashion_val_shards):
+    run_dir = tmp_path / "run"
+    values = settings(fashion_val_shards, run_dir, **{"data.shards": tmp_path / "no_such_shards"})
+    job_id = submit("pretrain", run_dir, None, [f"{k}={v}" for k, v in values.items()],
+                    load_config(SlurmConfig, None, CPU_TASKS), dry_run=False)
+    assert wait_finished(job_id, timeout_s=120) == "FAILED"
+    status = run_cli("status", run_dir)
+    assert status.returncode == 1
+    assert f"job {job_id} (pretrain, 2 task(s)" in status.stdout and "FAILED" in status.stdout
+    assert f"error log: {run_dir / 'slurm' / job_id / f'{job_id}_0_log.err'}" in status.stdout
+    assert "no manifest" in status.stdout
+
+
+def test_local_cluster_runs_the_same_job_without_slurm(tmp_path):
+    cfg = load_config(SlurmConfig, None, ["tasks_per_node=2", "cpus_per_task=1", "time=5", "cluster=local"])
+    job_id = submit("check", tmp_path, None, [], cfg, dry_run=False)
+    from submitit.local.local import LocalJob
+
+    results = LocalJob(folder=tmp_path / "slurm" / "%j", job_id=job_id, tasks=(0, 1)).results()
+    assert sorted((r["rank"], r["world_size"], r["sum"]) for r in results) == [(0, 2, 3.0), (1, 2, 3.0)]
