@@ -3,10 +3,14 @@
 `StageJob` is the callable submitit pickles: in each task it maps submitit's job environment
 (global rank, local rank, task count, the first node's hostname) onto the variables
 `pipeline.dist.detect_env` reads, with the master port derived from the job id (the same
-after a requeue), then runs the stage. It is checkpointable: on the time-limit warning
-submitit asks it for a resubmission and requeues the job; the SIGTERM that ends the old run
-makes the trainer write a checkpoint, and the requeued job resumes from `latest` by itself,
-as it also does after `scontrol requeue` or a preemption, which never ask.
+after a requeue), then runs the stage.
+
+Time limits: the warning signal (SIGUSR2, `signal_delay_s` before the limit) stops the
+trainer at its next log interval with a checkpoint; then rank 0 requeues the job with
+`scontrol requeue`, at most `max_requeues` times (each restart is logged in attempts.jsonl),
+and the requeued job resumes from `latest` by itself, as after a preemption or an outside
+`scontrol requeue`. Should the warning come before training started, submitit's own handler
+asks `checkpoint()` for a resubmission and requeues: the job then resumes the same way.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 from pathlib import Path
 from typing import Optional
 
@@ -42,10 +47,12 @@ def allreduce_check() -> dict:
 
 
 class StageJob(submitit.helpers.Checkpointable):
-    def __init__(self, stage: str, run_dir: str, config_path: Optional[str], overrides: list[str]):
+    def __init__(self, stage: str, run_dir: str, config_path: Optional[str], overrides: list[str],
+                 max_requeues: int = 20):
         if stage not in STAGES:
             raise ValueError(f"unknown stage '{stage}'; known: {STAGES}")
         self.stage, self.run_dir, self.config_path, self.overrides = stage, run_dir, config_path, list(overrides)
+        self.max_requeues = max_requeues
 
     def _export_dist_env(self) -> dict:
         import torch
@@ -62,19 +69,36 @@ class StageJob(submitit.helpers.Checkpointable):
         return {"job_id": str(env.job_id), "rank": env.global_rank, "world_size": env.num_tasks,
                 "restarts": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
 
+    def _log(self, record: dict) -> None:
+        Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(self.run_dir) / "attempts.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
     def __call__(self):
         attempt = self._export_dist_env()
         if attempt["rank"] == 0:  # one line per (re)start: requeues are visible in `robustmim status`
-            Path(self.run_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(self.run_dir) / "attempts.jsonl", "a") as f:
-                f.write(json.dumps(attempt) + "\n")
+            self._log(attempt)
         if self.stage == "check":
             return allreduce_check()
         from robustmim.config import load_config
         from pipeline.engine.config import PretrainConfig
+        from pipeline.engine.signals import TIME_LIMIT_WARNINGS
         from pipeline.engine.trainer import train
 
-        return train(load_config(PretrainConfig, self.config_path, self.overrides))
+        result = train(load_config(PretrainConfig, self.config_path, self.overrides))
+        if attempt["rank"] == 0 and result["stopped_by"] in TIME_LIMIT_WARNINGS and "SLURM_JOB_ID" in os.environ:
+            self._requeue(attempt, result)
+        return result
+
+    def _requeue(self, attempt: dict, result: dict) -> None:
+        if attempt["restarts"] >= self.max_requeues:
+            self._log({**attempt, "event": f"time limit at step {result['step']}; not requeued "
+                                           f"(max_requeues={self.max_requeues} reached)"})
+            return
+        self._log({**attempt, "event": f"time limit at step {result['step']}; checkpoint saved; requeued"})
+        job_id = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        subprocess.run(["scontrol", "requeue", f"{job_id}_{task}" if task else job_id], check=False)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(self)

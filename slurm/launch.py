@@ -115,7 +115,7 @@ def submit(stage: str, run_dir: Path, config_path: str | None, overrides: list[s
         return None
     if cluster == "slurm":
         preflight(executor)
-    job = executor.submit(StageJob(stage, str(run_dir), config_path, overrides))
+    job = executor.submit(StageJob(stage, str(run_dir), config_path, overrides, cfg.max_requeues))
     record_submission(run_dir, {"job_id": job.job_id, "stage": stage, "cluster": cluster, "tasks": cfg.tasks,
                                 "logs": str(run_dir / "slurm" / job.job_id), "config": config_path,
                                 "overrides": overrides})

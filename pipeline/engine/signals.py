@@ -1,6 +1,8 @@
-"""Stop requests from Slurm: SIGTERM (preemption, scancel) and SIGUSR1 (a configured warning
-before the time limit) set a flag; the loop checks it, all ranks together, at log intervals,
-then checkpoints and exits cleanly."""
+"""Stop requests from Slurm: SIGTERM (preemption, scancel, requeue) and SIGUSR1/SIGUSR2 (the
+warning before the time limit; submitit asks Slurm for SIGUSR2) set a flag; the loop checks
+it, all ranks together, at log intervals, then checkpoints and exits cleanly. While training
+runs these handlers replace submitit's, whose SIGUSR2 handler would requeue and exit at once,
+before a checkpoint could be written; the job requeues itself afterwards (slurm/job.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import signal
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+TIME_LIMIT_WARNINGS = ("SIGUSR1", "SIGUSR2")
 
 
 class StopRequest:
