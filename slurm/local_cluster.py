@@ -1,6 +1,6 @@
 """A real Slurm on this machine, on loopback: for the tests and for rehearsing a job.
 
-    python -m slurm.local_cluster start [--dir runs/slurm]   # prints `export SLURM_CONF=...`
+    python -m slurm.local_cluster start [--dir runs/slurm] [--nodes 2]   # prints `export SLURM_CONF=...`
     python -m slurm.local_cluster status|stop [--dir runs/slurm]
 
 Debian's slurm-wlm and munge (installed with apt when missing, as root, with services blocked
@@ -32,7 +32,7 @@ from pathlib import Path
 from robustmim.errors import UserError
 
 PACKAGES = ("slurm-wlm", "munge")
-DAEMONS = ("slurmd", "slurmctld", "munged")  # stopped in this order
+CONTROL_DAEMONS = ("slurmctld", "munged")  # stopped after the node daemons, in this order
 
 
 def ensure_packages() -> None:
@@ -55,13 +55,40 @@ def ensure_packages() -> None:
             policy.unlink(missing_ok=True)
 
 
-def _node_line(hostname: str, port: int) -> str:
-    """This machine's resources as slurmd reports them (`slurmd -C`), on loopback."""
+def _machine() -> dict[str, str]:
+    """This machine's resources as slurmd reports them (`slurmd -C`)."""
     out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
-    fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
-    keep = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore", "RealMemory")
-    resources = " ".join(f"{k}={fields[k]}" for k in keep if k in fields)
-    return f"NodeName={hostname} NodeAddr=127.0.0.1 Port={port} {resources} State=UNKNOWN"
+    return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+
+def _node_lines(names: list[str], hostname: str, ports: list[int]) -> str:
+    """One node per slurmd, all on loopback; several nodes share the machine's CPUs and memory."""
+    machine = _machine()
+    if len(names) == 1:
+        keep = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore", "RealMemory")
+        resources = " ".join(f"{k}={machine[k]}" for k in keep if k in machine)
+        return f"NodeName={names[0]} NodeAddr=127.0.0.1 Port={ports[0]} {resources} State=UNKNOWN"
+    cpus = max(1, int(machine["CPUs"]) // len(names))
+    memory = int(machine.get("RealMemory", 1024)) // len(names)
+    return "\n".join(f"NodeName={name} NodeHostname={hostname} NodeAddr=127.0.0.1 Port={port} CPUs={cpus} "
+                     f"RealMemory={memory} State=UNKNOWN" for name, port in zip(names, ports))
+
+
+def _ensure_resolvable(names: list[str]) -> None:
+    """Several nodes on one machine need names that resolve (submitit's master address is the
+    first node's name): map them to loopback in /etc/hosts, once."""
+    missing = []
+    for name in names:
+        try:
+            socket.gethostbyname(name)
+        except OSError:
+            missing.append(name)
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise UserError(f"node names {missing} do not resolve: add '127.0.0.1 {' '.join(missing)}' to /etc/hosts")
+    with open("/etc/hosts", "a") as hosts:
+        hosts.write(f"127.0.0.1 {' '.join(missing)}  # robustmim local Slurm nodes\n")
 
 
 def _free_port() -> int:
@@ -74,10 +101,12 @@ def _free_port() -> int:
 class LocalCluster:
     directory: Path
     partition: str = "debug"
+    nodes: int = 1  # several slurmd on this machine (Debian's slurmd supports -N <node>)
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory).resolve()
         self.hostname = socket.gethostname().split(".")[0]
+        self.node_names = [self.hostname] if self.nodes == 1 else [f"{self.hostname}n{i}" for i in range(1, self.nodes + 1)]
 
     @property
     def conf(self) -> Path:
@@ -92,6 +121,10 @@ class LocalCluster:
 
     def _pid_file(self, daemon: str) -> Path:
         return self.directory / f"{daemon}.pid"
+
+    @property
+    def daemons(self) -> list[str]:
+        return [f"slurmd-{name}" for name in self.node_names] + list(CONTROL_DAEMONS)
 
     def _alive(self, daemon: str) -> bool:
         try:
@@ -109,7 +142,7 @@ class LocalCluster:
         if not key.exists():
             key.write_bytes(os.urandom(1024))
             key.chmod(0o400)
-        ctld_port, slurmd_port = _free_port(), _free_port()
+        ctld_port, slurmd_ports = _free_port(), [_free_port() for _ in self.node_names]
         self.conf.write_text(f"""# written by slurm/local_cluster.py: a one-node cluster on loopback
 ClusterName=robustmim-local
 SlurmctldHost={self.hostname}(127.0.0.1)
@@ -118,11 +151,11 @@ SlurmUser=root
 AuthType=auth/munge
 AuthInfo=socket={self.munge_socket},cred_expire=10
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
+SlurmdSpoolDir={d}/spool/%n
 SlurmctldPidFile={self._pid_file('slurmctld')}
-SlurmdPidFile={self._pid_file('slurmd')}
+SlurmdPidFile={d}/slurmd-%n.pid
 SlurmctldLogFile={d}/logs/slurmctld.log
-SlurmdLogFile={d}/logs/slurmd.log
+SlurmdLogFile={d}/logs/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -137,7 +170,7 @@ KillWait=15
 MessageTimeout=10
 InactiveLimit=0
 FirstJobId={int(time.time()) % 1_000_000 * 10 + 1}
-{_node_line(self.hostname, slurmd_port)}
+{_node_lines(self.node_names, self.hostname, slurmd_ports)}
 PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
 
@@ -146,16 +179,20 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         subprocess.Popen([daemon, *args], stdout=log, stderr=log, start_new_session=True, env=self.env())
 
     def node_state(self) -> str:
+        """The nodes' common state ("idle", ...), "mixed-states" if they differ, "" if down."""
         result = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=self.env(),
                                 timeout=30)
-        return result.stdout.strip() if result.returncode == 0 else ""
+        states = set(result.stdout.split()) if result.returncode == 0 else set()
+        return states.pop() if len(states) == 1 else ("mixed-states" if states else "")
 
     def start(self, timeout: float = 60.0) -> float:
         """Start (or reuse) the cluster; returns the seconds until its node was idle."""
         began = time.monotonic()
         ensure_packages()
-        if all(self._alive(d) for d in DAEMONS) and self.node_state() in ("idle", "mixed", "allocated"):
+        if all(self._alive(d) for d in self.daemons) and self.node_state() in ("idle", "mixed", "allocated"):
             return time.monotonic() - began
+        if self.nodes > 1:
+            _ensure_resolvable(self.node_names)
         self.stop()
         self._write_config()
         try:
@@ -172,8 +209,10 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                     f"--seed-file={self.directory / 'munge' / 'munge.seed'}")
         self._wait(lambda: self.munge_socket.exists(), began, timeout, "munged")
         self._spawn("slurmctld", "-D", "-i", "-f", str(self.conf))
-        self._spawn("slurmd", "-D", "-f", str(self.conf), "-N", self.hostname)
-        self._wait(lambda: self.node_state() == "idle", began, timeout, "the node to become idle")
+        for name in self.node_names:
+            (self.directory / "spool" / name).mkdir(parents=True, exist_ok=True)
+            self._spawn("slurmd", "-D", "-f", str(self.conf), "-N", name)
+        self._wait(lambda: self.node_state() == "idle", began, timeout, "the nodes to become idle")
 
     def _wait(self, ready, began: float, timeout: float, what: str) -> None:
         while not ready():
@@ -183,7 +222,7 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             time.sleep(0.1)
 
     def stop(self) -> None:
-        for daemon in DAEMONS:
+        for daemon in self.daemons:
             pid_file = self._pid_file(daemon)
             if not pid_file.exists():
                 continue
@@ -203,8 +242,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="a local Slurm cluster on loopback")
     parser.add_argument("action", choices=["start", "stop", "status"])
     parser.add_argument("--dir", default="runs/slurm", help="private directory for config, state and logs")
+    parser.add_argument("--nodes", type=int, default=1, help="slurmd daemons (nodes) on this machine")
     args = parser.parse_args()
-    cluster = LocalCluster(Path(args.dir))
+    cluster = LocalCluster(Path(args.dir), nodes=args.nodes)
     if args.action == "start":
         seconds = cluster.start()
         print(f"local Slurm up in {seconds:.1f} s; use it with:\nexport SLURM_CONF={cluster.conf}")

@@ -120,17 +120,18 @@ def test_local_cluster_runs_the_same_job_without_slurm(tmp_path):
 
 def test_time_limit_requeues_and_the_run_finishes_like_an_uninterrupted_run(slurm_cluster, tmp_path,
                                                                              fashion_val_shards):
-    """A 2-minute limit with the warning 60 s before it, for ~100 s of work: Slurm's SIGUSR2 stops
-    the trainer with a checkpoint, the job requeues itself and resumes. Slurm checks limits about
-    every 30 s, so where the warning lands varies; the curve must not. (With a warning due within
-    seconds of a start, it can arrive before Python has installed any handler and kill the task:
-    keep signal_delay_s well below the time limit.)"""
-    long_run = {"length.samples": 32 * 300, "checkpoint.every_steps": 100, "log_every": 5}
+    """A 1-minute limit with the warning 30 s before it: the warning lands 30-60 s into each attempt
+    (Slurm checks limits about every 30 s), after start-up (~10 s) and before the end of 400 steps
+    (over 80 s of work here), so at least one attempt is warned. SIGUSR2 stops the trainer with a
+    checkpoint, the job requeues itself and resumes; the curve must equal the uninterrupted one.
+    (A warning due seconds after a start can arrive before Python installs any handler and kill
+    the task: keep signal_delay_s well below the time limit.)"""
+    long_run = {"length.samples": 32 * 400, "checkpoint.every_steps": 100, "log_every": 5}
     reference = tmp_path / "reference"
     finish(launch(fashion_val_shards, reference, **long_run))
     run_dir = tmp_path / "run"
     overrides = [f"{k}={v}" for k, v in settings(fashion_val_shards, run_dir, **long_run).items()]
-    cfg = load_config(SlurmConfig, None, ["tasks_per_node=2", "cpus_per_task=1", "time=2", "signal_delay_s=60",
+    cfg = load_config(SlurmConfig, None, ["tasks_per_node=2", "cpus_per_task=1", "time=1", "signal_delay_s=30",
                                           "max_requeues=10", "cluster=slurm"])
     job_id = submit("pretrain", run_dir, None, overrides, cfg, dry_run=False)
     assert wait_finished(job_id, timeout_s=600, poll_s=2) == "COMPLETED"
@@ -140,3 +141,23 @@ def test_time_limit_requeues_and_the_run_finishes_like_an_uninterrupted_run(slur
     starts = [a for a in attempts if "event" not in a]
     assert len(starts) >= len(requeues) + 1  # each requeue was followed by a restart
     assert curve(run_dir) == curve(reference)
+
+
+def test_two_node_job_on_one_machine(tmp_path, monkeypatch):
+    """Two slurmd daemons (nodes) on this machine; one task on each all-reduces over gloo."""
+    from slurm.local_cluster import LocalCluster
+
+    cluster = LocalCluster(tmp_path / "cluster", nodes=2)
+    try:
+        cluster.start()
+        monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+        cfg = load_config(SlurmConfig, None, ["nodes=2", "tasks_per_node=1", "cpus_per_task=1", "time=5",
+                                              "cluster=slurm"])
+        job_id = submit("check", tmp_path / "run", None, [], cfg, dry_run=False)
+        assert wait_finished(job_id, timeout_s=120) == "COMPLETED"
+        results = SlurmJob(folder=tmp_path / "run" / "slurm" / "%j", job_id=job_id, tasks=(0, 1)).results()
+        assert sorted((r["rank"], r["world_size"], r["sum"]) for r in results) == [(0, 2, 3.0), (1, 2, 3.0)]
+        nodes = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+        assert f"NodeList={cluster.hostname}n[1-2]" in nodes  # one task on each node
+    finally:
+        cluster.stop()
