@@ -33,17 +33,33 @@ $(FASHION_MNIST)/train-images-idx3-ubyte.gz:
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends dataset-fashion-mnist
 
-# shards -> a tiny DMAE pretraining on 2 ranks with ZeRO-2 -> export. Re-running resumes each stage.
+# Each pretraining method and the fine-tuning recipe that deploys it (recipe:pretrained method).
+METHODS := mae nim dmae mimir
+RECIPES := standard:mae de3:nim dmae:dmae mimir:mimir
+RUN := $(BIN)/robustmim
+
+# shards -> tiny MAE, NIM, DMAE and MIMIR pretraining (2 ranks, ZeRO-2) -> exports -> each
+# defense's classifier (2 ranks) -> classifier exports. Re-running resumes each stage.
 demo: install fashion-mnist
-	$(BIN)/robustmim shards build --config configs/shards/fashion_mnist.yaml out=$(DEMO_DIR)/shards
-	$(BIN)/robustmim pretrain --config configs/pretrain/dmae_tiny_fmnist.yaml --nproc-per-node 2 \
-		run_dir=$(DEMO_DIR)/pretrain_dmae data.shards=$(DEMO_DIR)/shards
-	$(BIN)/robustmim export $(DEMO_DIR)/pretrain_dmae --out $(DEMO_DIR)/dmae_tiny.safetensors
+	$(RUN) shards build --config configs/shards/fashion_mnist.yaml out=$(DEMO_DIR)/shards
+	set -e; for m in $(METHODS); do \
+	  $(RUN) pretrain --config configs/pretrain/$${m}_tiny_fmnist.yaml --nproc-per-node 2 \
+	    run_dir=$(DEMO_DIR)/pretrain_$$m data.shards=$(DEMO_DIR)/shards; \
+	  $(RUN) export $(DEMO_DIR)/pretrain_$$m --out $(DEMO_DIR)/$${m}_tiny.safetensors; \
+	done
+	set -e; for pair in $(RECIPES); do r=$${pair%%:*}; m=$${pair##*:}; \
+	  $(RUN) finetune --config configs/finetune/$${r}_tiny_fmnist.yaml --nproc-per-node 2 \
+	    run_dir=$(DEMO_DIR)/finetune_$$r data.shards=$(DEMO_DIR)/shards init=$(DEMO_DIR)/$${m}_tiny.safetensors \
+	    recipe.de3.denoiser=$(DEMO_DIR)/nim_tiny.safetensors; \
+	  $(RUN) export $(DEMO_DIR)/finetune_$$r --out $(DEMO_DIR)/classifiers/$${r}_tiny.safetensors; \
+	done
 	@echo
 	@echo "demo outputs:"
-	@echo "  shards:          $(DEMO_DIR)/shards/ (manifest.json, skipped.jsonl)"
-	@echo "  pretraining:     $(DEMO_DIR)/pretrain_dmae/ (checkpoints/, metrics.jsonl, tensorboard/, config.yaml)"
-	@echo "  exported model:  $(DEMO_DIR)/dmae_tiny.safetensors (+ .json with the model config)"
+	@echo "  shards:       $(DEMO_DIR)/shards/ (manifest.json, skipped.jsonl)"
+	@echo "  pretraining:  $(DEMO_DIR)/pretrain_{mae,nim,dmae,mimir}/ (checkpoints/, metrics.jsonl, tensorboard/, config.yaml)"
+	@echo "  encoders:     $(DEMO_DIR)/{mae,nim,dmae,mimir}_tiny.safetensors (+ .json with the model config)"
+	@echo "  fine-tuning:  $(DEMO_DIR)/finetune_{standard,de3,dmae,mimir}/ (validation top-1 in metrics.jsonl)"
+	@echo "  classifiers:  $(DEMO_DIR)/classifiers/*_tiny.safetensors (+ .json: how to rebuild the deployed model)"
 
 test: install fashion-mnist
 	$(BIN)/python -m pytest -q

@@ -32,7 +32,7 @@ def worker(args) -> None:
 
     from robustmim.config import load_config
     from pipeline.dist import detect_env, init_distributed
-    from pipeline.engine.trainer import PretrainModule
+    from pipeline.engine.pretrain import PretrainModule
     from pipeline.models.config import ModelConfig
     from pipeline.models.mae import MaskedAutoencoder
     from pipeline.objectives import ObjectiveConfig, build_objective, step_generator
@@ -53,7 +53,7 @@ def worker(args) -> None:
         engine = torch.nn.parallel.DistributedDataParallel(module, device_ids=[env.local_rank] if on_gpu else None)
 
         def step(images, generator):
-            loss, _ = engine(images, generator)
+            loss, _ = engine(images, None, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -68,7 +68,7 @@ def worker(args) -> None:
                                                dist_init_required=False)
 
         def step(images, generator):
-            loss, _ = engine(images, generator)
+            loss, _ = engine(images, None, generator)
             engine.backward(loss)
             engine.step()
 

@@ -1,4 +1,4 @@
-"""`robustmim pretrain` and `robustmim export`."""
+"""`robustmim pretrain`, `robustmim finetune` and `robustmim export`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,22 @@ import os
 import socket
 import sys
 
+# stage -> (config class, training function), as "module:name" so --help imports nothing heavy
+TRAINING_STAGES = {
+    "pretrain": ("pipeline.engine.config:PretrainConfig", "pipeline.engine.pretrain:pretrain"),
+    "finetune": ("pipeline.finetune.config:FinetuneConfig", "pipeline.finetune.task:finetune"),
+}
 
-def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="experiment YAML (configs/pretrain/*.yaml)")
+
+def resolve(reference: str):
+    import importlib
+
+    module, name = reference.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="experiment YAML (configs/<stage>/*.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. zero_stage=3")
     parser.add_argument("--nproc-per-node", type=int, default=1,
                         help="start this many local ranks with torchrun (not needed under torchrun or srun)")
@@ -21,29 +34,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_pretrain(args: argparse.Namespace) -> int:
+def run_training(args: argparse.Namespace) -> int:
     from robustmim.config import load_config
     from pipeline.dist import detect_env
-    from pipeline.engine.config import PretrainConfig
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)  # errors before any launch
+    stage = args.command
+    config_class, train = (resolve(ref) for ref in TRAINING_STAGES[stage])
+    cfg = load_config(config_class, args.config, args.overrides)  # errors before any launch
     if args.nproc_per_node > 1 and detect_env().launcher == "single":
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc_per_node),
-                   "--master_port", str(_free_port()), "-m", "robustmim.cli", "pretrain",
+                   "--master_port", str(_free_port()), "-m", "robustmim.cli", stage,
                    *(["--config", args.config] if args.config else []), *args.overrides]
         os.execv(sys.executable, command)  # torchrun takes this process's place (and its signals)
-    from pipeline.engine.trainer import train
-
     result = train(cfg)
     if detect_env().rank == 0:
-        print(f"pretrain: step {result['step']}/{result['total_steps']}, {result['samples_seen']} samples, "
+        print(f"{stage}: step {result['step']}/{result['total_steps']}, {result['samples_seen']} samples, "
               f"checkpoint {cfg.run_dir}/checkpoints/{result['checkpoint']}", flush=True)
+        if result["validation"]:
+            val = result["validation"]
+            print(f"{stage}: validation top-1 {val['val_top1']:.4f} on {val['val_samples']:.0f} images "
+                  f"at step {val['step']}", flush=True)
     return 0
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a run directory, its checkpoints/ or one step_* directory")
-    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--out", required=True, help="output .safetensors file (a .json is written beside it)")
 
 
 def run_export(args: argparse.Namespace) -> int:

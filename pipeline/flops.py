@@ -1,4 +1,4 @@
-"""Matmul FLOPs per training image, for each objective and model size (used for MFU).
+"""Matmul FLOPs per training image, for each objective, recipe and model size (used for MFU).
 
 Counted as PyTorch's FlopCounterMode counts: 2 FLOPs per multiply-add of every matmul,
 convolution and attention product, forward and backward; normalizations, activations, the
@@ -12,9 +12,13 @@ GPUs run) and 2 times with the unfused math path. MIMIR's attack needs input gra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from pipeline.models.config import ModelConfig
+from pipeline.models.config import EncoderConfig, ModelConfig
 from pipeline.objectives.config import ObjectiveConfig, ObjectiveName
+
+if TYPE_CHECKING:
+    from pipeline.finetune.config import FinetuneConfig
 
 FUSED_ATTENTION_BACKWARD = 2.5  # flash and memory-efficient kernels
 MATH_ATTENTION_BACKWARD = 2.0  # attention as two batched matmuls
@@ -75,3 +79,29 @@ def training_flops_per_image(model: ModelConfig, objective: ObjectiveConfig, bat
     # input (forward only), and the one m x m matmul in the backward of the latent's solve.
     hsic = (3 * 2 * m * m * latent_dim + 2 * m * m * pixels + 2 * m**3) / m
     return main + attack + hsic
+
+
+def classifier_pass(cfg: EncoderConfig, num_classes: int) -> PassFlops:
+    """Forward FLOPs of the fine-tuning classifier on one image (every patch, plus the head)."""
+    patches, patch_dim = cfg.num_patches, cfg.patch_size**2 * cfg.in_chans
+    linear, attention = _blocks(1 + patches, cfg.embed_dim, cfg.depth, cfg.mlp_ratio)
+    return PassFlops(patch_embed=2 * patches * patch_dim * cfg.embed_dim,
+                     linear=linear + 2 * cfg.embed_dim * num_classes, attention=attention)
+
+
+def finetune_flops_per_image(cfg: FinetuneConfig, denoiser: ModelConfig | None = None,
+                             attention_backward: float = FUSED_ATTENTION_BACKWARD) -> float:
+    """FLOPs of one fine-tuning step per image: the classifier's training pass, times the noisy
+    copies (DMAE), plus the attack's input-gradient passes (MIMIR) or the denoiser's forward (De³)."""
+    from pipeline.finetune.config import RecipeName
+
+    classifier = classifier_pass(cfg.model, cfg.model.num_classes)
+    total = classifier.training(attention_backward)
+    recipe = cfg.recipe
+    if recipe.name is RecipeName.dmae:
+        total *= recipe.dmae.copies
+    elif recipe.name is RecipeName.mimir:
+        total += recipe.mimir.steps * classifier.input_gradient(attention_backward)
+    elif recipe.name is RecipeName.de3 and denoiser is not None:
+        total += autoencoder_pass(denoiser, 0.0).forward
+    return total

@@ -15,10 +15,12 @@ from robustmim.errors import UserError
 # stage name -> (module, its add-arguments function, its run function, one-line help)
 STAGES = {
     "shards": ("shards.cli", "add_arguments", "run", "build, verify and summarize WebDataset shards"),
-    "pretrain": ("pipeline.cli", "add_pretrain_arguments", "run_pretrain",
+    "pretrain": ("pipeline.cli", "add_training_arguments", "run_training",
                  "pretrain an autoencoder (MAE, NIM, DMAE, MIMIR) with DeepSpeed"),
+    "finetune": ("pipeline.cli", "add_training_arguments", "run_training",
+                 "fine-tune a pretrained encoder into each defense's classifier (standard, De3, DMAE, MIMIR)"),
     "export": ("pipeline.cli", "add_export_arguments", "run_export",
-               "consolidate a pretraining checkpoint into one safetensors file"),
+               "consolidate a checkpoint into safetensors: an autoencoder, or a classifier with its deployment JSON"),
     "submit": ("slurm.cli", "add_submit_arguments", "run_submit",
                "send a stage to Slurm (or the local executor) through submitit"),
     "status": ("slurm.cli", "add_status_arguments", "run_status", "show a run's jobs, last step and checkpoint"),

@@ -90,6 +90,19 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
     OmegaConf.set_struct(cfg, True)
     if path is not None:
         cfg = _merge(cfg, _read_file(path), str(path))
+    return _finish(cfg, overrides)
+
+
+def config_from_dict(schema: type[T], data: dict, source: str) -> T:
+    """A `schema` instance from a mapping read elsewhere (e.g. a JSON file named by `source`)."""
+    cfg = OmegaConf.structured(schema)
+    OmegaConf.set_struct(cfg, True)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys to values at the top level")
+    return _finish(_merge(cfg, OmegaConf.create(data), source), ())
+
+
+def _finish(cfg: DictConfig, overrides: Sequence[str]):
     for item in overrides:  # one at a time, so an error names the override that caused it
         cfg = _merge(cfg, _read_overrides([item]), f"override '{item}'")
     missing = sorted(OmegaConf.missing_keys(cfg))

@@ -12,21 +12,22 @@ FLAGS = {"nodes": int, "gpus_per_node": int, "tasks_per_node": int, "cpus_per_ta
 
 
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("stage", choices=["pretrain", "check"],
-                        help="pretrain: a pretraining run; check: a distributed all-reduce smoke test")
+    parser.add_argument("stage", choices=["pretrain", "finetune", "check"],
+                        help="pretrain, finetune: a training run; check: a distributed all-reduce smoke test")
     parser.add_argument("--config", help="the stage's experiment YAML")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="the stage's dotted overrides")
     parser.add_argument("--slurm-config", help="YAML of SlurmConfig values; flags below override it")
     for name, kind in FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, dest=f"slurm_{name}")
     parser.add_argument("--exclusive", action="store_true", dest="slurm_exclusive")
-    parser.add_argument("--run-dir", help="where a `check` job writes (pretrain uses its run_dir)")
+    parser.add_argument("--run-dir", help="where a `check` job writes (training stages use their run_dir)")
     parser.add_argument("--dry-run", action="store_true", help="print the batch script and plan; submit nothing")
 
 
 def run_submit(args: argparse.Namespace) -> int:
     from robustmim.config import load_config
     from robustmim.errors import UserError
+    from pipeline.cli import TRAINING_STAGES, resolve
     from slurm.config import SlurmConfig
     from slurm.launch import estimate_memory, submit
 
@@ -35,10 +36,9 @@ def run_submit(args: argparse.Namespace) -> int:
         flags.append("exclusive=true")
     slurm_cfg = load_config(SlurmConfig, args.slurm_config, flags)
     describe = ""
-    if args.stage == "pretrain":
-        from pipeline.engine.config import PretrainConfig
-
-        cfg = load_config(PretrainConfig, args.config, args.overrides)
+    if args.stage in TRAINING_STAGES:
+        config_class = resolve(TRAINING_STAGES[args.stage][0])
+        cfg = load_config(config_class, args.config, args.overrides)
         try:
             accumulation = cfg.accumulation(slurm_cfg.tasks)
         except ValueError as e:
@@ -66,6 +66,7 @@ def run_status(args: argparse.Namespace) -> int:
     import json
 
     from robustmim.errors import UserError
+    from pipeline.engine.metrics import read_metrics
     from slurm.jobs import FINISHED, job_state, read_submissions
 
     run_dir = Path(args.run_dir)
@@ -86,10 +87,15 @@ def run_status(args: argparse.Namespace) -> int:
             tail = errors[0].read_text().strip().splitlines()[-5:] if errors else ["(no log yet)"]
             print(f"  error log: {errors[0] if errors else job['logs']}")
             print("".join(f"    {line}\n" for line in tail), end="")
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file() and metrics.read_text().strip():
-        last = json.loads(metrics.read_text().strip().splitlines()[-1])
+    records = read_metrics(run_dir)
+    training = [r for r in records if "loss" in r]
+    if training:
+        last = training[-1]
         print(f"last logged step {last['step']} ({last['samples']} samples, loss {last['loss']:.4f})")
+    validation = [r for r in records if "val_top1" in r]
+    if validation:
+        print(f"last validation: step {validation[-1]['step']}, top-1 {validation[-1]['val_top1']:.4f} "
+              f"on {validation[-1]['val_samples']:.0f} images")
     latest = run_dir / "checkpoints" / "latest"
     print(f"last checkpoint: {latest.read_text().strip() if latest.is_file() else 'none'}")
     return 1 if problems else 0

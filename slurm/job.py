@@ -24,9 +24,10 @@ from typing import Optional
 
 import submitit
 
+from pipeline.cli import TRAINING_STAGES
 from pipeline.dist import slurm_port
 
-STAGES = ("pretrain", "check")
+STAGES = (*TRAINING_STAGES, "check")
 
 
 def allreduce_check() -> dict:
@@ -81,11 +82,11 @@ class StageJob(submitit.helpers.Checkpointable):
         if self.stage == "check":
             return allreduce_check()
         from robustmim.config import load_config
-        from pipeline.engine.config import PretrainConfig
+        from pipeline.cli import resolve
         from pipeline.engine.signals import TIME_LIMIT_WARNINGS
-        from pipeline.engine.trainer import train
 
-        result = train(load_config(PretrainConfig, self.config_path, self.overrides))
+        config_class, train = (resolve(ref) for ref in TRAINING_STAGES[self.stage])
+        result = train(load_config(config_class, self.config_path, self.overrides))
         if attempt["rank"] == 0 and result["stopped_by"] in TIME_LIMIT_WARNINGS and "SLURM_JOB_ID" in os.environ:
             self._requeue(attempt, result)
         return result

@@ -77,12 +77,22 @@ class MemoryEstimate:
 
 
 def estimate_memory(model_cfg, zero_stage: int, world_size: int) -> MemoryEstimate:
+    """Trained parameters: the autoencoder (ModelConfig) or the classifier (ClassifierConfig,
+    1000 classes where the count comes from the manifest; De³'s frozen denoiser not counted)."""
+    import dataclasses
+
     import torch
 
+    from pipeline.models.classifier import ViTClassifier
+    from pipeline.models.config import ClassifierConfig
     from pipeline.models.mae import MaskedAutoencoder
 
     with torch.device("meta"):
-        params = sum(p.numel() for p in MaskedAutoencoder(model_cfg).parameters())
+        if isinstance(model_cfg, ClassifierConfig):
+            model = ViTClassifier(dataclasses.replace(model_cfg, num_classes=model_cfg.num_classes or 1000))
+        else:
+            model = MaskedAutoencoder(model_cfg)
+        params = sum(p.numel() for p in model.parameters())
     weights, grads, adam = 4 * params, 4 * params, 8 * params
     shared = {0: (weights + grads + adam, 0), 1: (weights + grads, adam), 2: (weights, grads + adam),
               3: (0, weights + grads + adam)}[zero_stage]

@@ -79,6 +79,17 @@ def test_shipped_configs_load():
         assert cfg.objective.name.value == path.name.split("_")[0]
 
 
+def test_shipped_finetune_configs_load_with_their_recipe():
+    from pipeline.finetune.config import FinetuneConfig
+
+    finetune = sorted((REPO_ROOT / "configs" / "finetune").glob("*.yaml"))
+    assert len(finetune) == 8
+    for path in finetune:
+        cfg = load_config(FinetuneConfig, path)
+        assert cfg.recipe.name.value == path.name.split("_")[0]
+        assert cfg.init, path  # every shipped recipe starts from a pretrained encoder
+
+
 def test_resolved_config_and_git_sha_written_beside_output(tmp_path):
     cfg = load_config(ShardsConfig, None, ["out=/x", "seed=5"])
     write_provenance(tmp_path, cfg, "shards build")

@@ -172,12 +172,13 @@ from safetensors.torch import save_file
 from robustmim.config import load_config
 from pipeline.dist import detect_env, init_distributed, shutdown_distributed
 from pipeline.engine.config import PretrainConfig
+from pipeline.engine.pretrain import PretrainTask
 from pipeline.engine.trainer import Trainer
 
 cfg = load_config(PretrainConfig, None, sys.argv[2:])
 env = detect_env()
 init_distributed(env, use_gpu=False)
-trainer = Trainer(cfg, env, on_gpu=False)
+trainer = Trainer(cfg, PretrainTask(cfg), env, on_gpu=False)
 trainer.run()
 model = trainer.engine.module.model
 with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=cfg.zero_stage == 3):

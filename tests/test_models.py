@@ -57,7 +57,7 @@ def test_parameter_counts_on_the_meta_device(encoder, decoder, expected_encoder,
     with torch.device("meta"):
         model = MaskedAutoencoder(load_config(ModelConfig, None, [f"encoder={encoder}", f"decoder={decoder}"]))
     assert next(model.parameters()).is_meta
-    encoder_count = sum(p.numel() for _, p in model.encoder_parameters())
+    encoder_count = sum(p.numel() for _, p in model.encoder_named_parameters())
     total = sum(p.numel() for p in model.parameters())
     assert encoder_count == pytest.approx(expected_encoder, rel=1e-4)
     assert total == pytest.approx(expected_total, rel=2e-3)

@@ -84,6 +84,21 @@ def test_pretraining_requeued_mid_run_finishes_like_an_uninterrupted_run(slurm_c
     assert "started 2 time(s)" in status.stdout and "last checkpoint: step_00000012" in status.stdout
 
 
+def test_finetuning_job_runs_on_two_tasks_and_status_shows_its_validation(slurm_cluster, tmp_path, fashion_shards):
+    run_dir = tmp_path / "finetune"
+    overrides = [f"run_dir={run_dir}", f"data.shards={fashion_shards}", "init=", "length.samples=256",
+                 "global_batch=32", "micro_batch=16", "log_every=2", "data.num_threads=1",
+                 "validation.every_steps=8", "validation.every_nth=50", "validation.batch_size=100"]
+    job_id = submit("finetune", run_dir, "configs/finetune/standard_tiny_fmnist.yaml", overrides,
+                    load_config(SlurmConfig, None, CPU_TASKS), dry_run=False)
+    assert wait_finished(job_id, timeout_s=300) == "COMPLETED"
+    validation = [r for r in read_metrics(run_dir) if "val_top1" in r]
+    assert [r["step"] for r in validation] == [8] and validation[0]["val_samples"] == 200  # every 50th of 10k
+    status = run_cli("status", run_dir)
+    assert f"job {job_id} (finetune, 2 task(s)" in status.stdout and "COMPLETED" in status.stdout
+    assert "last validation: step 8" in status.stdout and "last checkpoint: step_00000008" in status.stdout
+
+
 def test_array_job_completes(slurm_cluster, tmp_path):
     import math
 

@@ -158,6 +158,11 @@ class DaliLoader:
         return -(-per_rank // self.cfg.batch_size)
 
     @property
+    def first_index(self) -> int:
+        """Index in the split of this rank's first sample in an evaluation pass (contiguous chunks)."""
+        return self.shards.total * self.rank // self.world_size
+
+    @property
     def epoch(self) -> float:
         """Epochs of the split this rank has consumed (training streams)."""
         return self.samples_seen / _chunk_sizes(self.shards.total, self.world_size)[self.rank]

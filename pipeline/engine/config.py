@@ -1,9 +1,11 @@
-"""`robustmim pretrain` configuration: data, model, objective, optimizer, length, checkpoints."""
+"""Engine configuration shared by every training stage (data, optimizer, length, batch, ZeRO,
+precision, checkpoints), and `robustmim pretrain`'s (plus the autoencoder and its objective)."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from omegaconf import MISSING
 
@@ -49,12 +51,15 @@ class CheckpointConfig:
 
 
 @dataclass
-class PretrainConfig:
+class EngineConfig:
+    """What the training engine needs from any stage's config."""
+
+    # Sections whose change makes a checkpoint a different run (reported on resume).
+    hashed_sections: ClassVar[tuple[str, ...]] = ("optim", "data", "seed", "global_batch", "micro_batch")
+
     run_dir: str = MISSING
     seed: int = 0
     data: LoaderConfig = field(default_factory=LoaderConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     length: RunLength = field(default_factory=lambda: RunLength(epochs=800))
     global_batch: int = 4096
@@ -82,3 +87,11 @@ class PretrainConfig:
             raise ValueError(f"global_batch {self.global_batch} is not divisible by {world_size} ranks x "
                              f"micro_batch {self.micro_batch} = {per_step}")
         return self.global_batch // per_step
+
+
+@dataclass
+class PretrainConfig(EngineConfig):
+    hashed_sections: ClassVar[tuple[str, ...]] = EngineConfig.hashed_sections + ("model", "objective")
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)

@@ -1,4 +1,5 @@
-"""`robustmim export`: consolidate a ZeRO checkpoint into one fp32 state dict in MAE's layout.
+"""`robustmim export`: consolidate a ZeRO checkpoint into one fp32 state dict in MAE's layout
+(pretraining runs; fine-tuning runs export a classifier, see pipeline/finetune/export.py).
 
 DeepSpeed's zero_to_fp32 reads the shards of any ZeRO stage without the training world size
 (or a GPU); stage 0 checkpoints hold the whole module already. The `model.` prefix of the
@@ -66,24 +67,42 @@ def fill_fixed_embeddings(state: dict[str, torch.Tensor], model_config: dict | N
     return missing
 
 
-def export_checkpoint(path: str | Path, out: str | Path) -> dict:
+def save_safetensors(state: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
+    """Write under a temporary name, then rename: a reader never sees half a file."""
     from safetensors.torch import save_file
 
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(out)
+
+
+def run_stage(run_dir: Path) -> str:
+    provenance = run_dir / "provenance.json"
+    return json.loads(provenance.read_text()).get("stage", "pretrain") if provenance.is_file() else "pretrain"
+
+
+def export_checkpoint(path: str | Path, out: str | Path) -> dict:
     checkpoints, tag = resolve_checkpoint(path)
     if not (checkpoints / tag).is_dir():
         raise UserError(f"{checkpoints / LATEST} names {tag}, which is missing")
-    state = consolidated_state_dict(checkpoints, tag)
-    run_config = checkpoints.parent / "config.yaml"
-    model_config = yaml.safe_load(run_config.read_text())["model"] if run_config.is_file() else None
-    recomputed = fill_fixed_embeddings(state, model_config)
-    meta = json.loads((checkpoints / tag / METADATA).read_text())
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(state, str(tmp), metadata={"format": EXPORT_FORMAT, "source": str(checkpoints / tag)})
-    tmp.replace(out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out}: expected a .safetensors file name")
+    meta = json.loads((checkpoints / tag / METADATA).read_text())
+    if run_stage(checkpoints.parent) == "finetune":
+        from pipeline.finetune.export import export_classifier
+
+        return export_classifier(checkpoints, tag, meta, out)
+    state = consolidated_state_dict(checkpoints, tag)
+    run_config_path = checkpoints.parent / "config.yaml"
+    run_config = yaml.safe_load(run_config_path.read_text()) if run_config_path.is_file() else {}
+    model_config = run_config.get("model")
+    recomputed = fill_fixed_embeddings(state, model_config)
+    save_safetensors(state, out, {"format": EXPORT_FORMAT, "source": str(checkpoints / tag)})
     info = {"format": EXPORT_FORMAT, "weights": out.name, "source": str(checkpoints / tag), "step": meta["step"],
-            "samples_seen": meta["samples_seen"], "model": model_config, "tensors": len(state),
+            "samples_seen": meta["samples_seen"], "model": model_config,
+            "norm_pix_loss": run_config.get("objective", {}).get("norm_pix_loss", True), "tensors": len(state),
             "recomputed_fixed_embeddings": recomputed}
     atomic_write_json(out.with_suffix(".json"), info)
     return info

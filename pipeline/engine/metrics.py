@@ -22,8 +22,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, total_steps: int):
-        self.enabled = enabled
+    def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, total_steps: int, stage: str):
+        self.enabled, self.stage = enabled, stage
         self.path = Path(run_dir) / METRICS_FILE
         self.start_step, self.total_steps = start_step, total_steps
         self.started = time.perf_counter()
@@ -44,7 +44,11 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
-                self.writer.add_scalar(f"pretrain/{key}", value, record["step"])
+                self.writer.add_scalar(f"{self.stage}/{key}", value, record["step"])
+        if "loss" not in record:  # a validation record
+            values = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step")
+            self.bar.write(f"step {record['step']}/{self.total_steps} {values}", file=sys.stderr)
+            return
         done = record["step"] - self.start_step
         elapsed = time.perf_counter() - self.started
         eta = elapsed / max(done, 1) * (self.total_steps - record["step"])

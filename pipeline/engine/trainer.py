@@ -1,6 +1,7 @@
-"""The pretraining loop: DeepSpeed ZeRO over the autoencoder and its objective, fed by DALI.
+"""The training loop of every stage: DeepSpeed ZeRO over a task's module, fed by DALI.
 
-Per optimizer step each rank runs `accumulation` micro-batches; DeepSpeed reduces gradients
+A task (pipeline/engine/task.py) supplies the module, its parameter groups and its
+validation; pretraining and fine-tuning are tasks. Per optimizer step each rank runs `accumulation` micro-batches; DeepSpeed reduces gradients
 and steps the optimizer and the lr schedule on the boundary. Every draw (masks, noise, attack
 starts) comes from a generator seeded by (seed, micro-step, rank) and the loader resumes at its
 exact position, so a resumed run repeats an uninterrupted one. The loop reads values from the
@@ -26,40 +27,23 @@ from pipeline.data.dali import DaliLoader, use_gpu
 from pipeline.data.shardset import open_shards
 from pipeline.dist import detect_env, init_distributed, shutdown_distributed
 from pipeline.engine.checkpoint import Checkpointer, ResumePoint
-from pipeline.engine.config import PretrainConfig, Precision
+from pipeline.engine.config import EngineConfig, Precision
 from pipeline.engine.metrics import MetricsLog
 from pipeline.engine.optim import build_optimizer
 from pipeline.engine.signals import StopRequest
-from pipeline.flops import training_flops_per_image
-from pipeline.models.mae import MaskedAutoencoder
-from pipeline.objectives import build_objective, step_generator
-
-# Sections whose change makes a checkpoint a different run (reported on resume).
-HASHED_SECTIONS = ("model", "objective", "optim", "data", "seed", "global_batch", "micro_batch")
+from pipeline.engine.task import TrainingTask
+from pipeline.objectives.base import step_generator
 
 
-class PretrainModule(nn.Module):
-    """What DeepSpeed wraps: the autoencoder under its objective (state dict keys `model.*`)."""
-
-    def __init__(self, model: MaskedAutoencoder, objective):
-        super().__init__()
-        self.model = model
-        self.objective = objective
-
-    def forward(self, images: torch.Tensor, generator: torch.Generator):
-        out = self.objective(self.model, images, generator)
-        return out.loss, out.metrics
-
-
-def config_hashes(cfg: PretrainConfig) -> dict[str, str]:
+def config_hashes(cfg: EngineConfig) -> dict[str, str]:
     def digest(value) -> str:
         text = to_yaml(value) if dataclasses.is_dataclass(value) else repr(value)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    return {name: digest(getattr(cfg, name)) for name in HASHED_SECTIONS}
+    return {name: digest(getattr(cfg, name)) for name in cfg.hashed_sections}
 
 
-def deepspeed_config(cfg: PretrainConfig, accumulation: int, bf16: bool, universal: bool) -> dict:
+def deepspeed_config(cfg: EngineConfig, accumulation: int, bf16: bool, universal: bool) -> dict:
     zero = {"stage": cfg.zero_stage}
     if cfg.zero_stage >= 1:
         zero.update(overlap_comm=True, contiguous_gradients=True)
@@ -75,52 +59,58 @@ def deepspeed_config(cfg: PretrainConfig, accumulation: int, bf16: bool, univers
     return config
 
 
-def train(cfg: PretrainConfig) -> dict:
+def train(cfg: EngineConfig, task: TrainingTask) -> dict:
     env = detect_env()
     on_gpu = use_gpu(cfg.data.device)
     init_distributed(env, on_gpu)
     try:
-        return Trainer(cfg, env, on_gpu).run()
+        return Trainer(cfg, task, env, on_gpu).run()
     finally:
         shutdown_distributed()
 
 
 class Trainer:
-    def __init__(self, cfg: PretrainConfig, env, on_gpu: bool):
+    def __init__(self, cfg: EngineConfig, task: TrainingTask, env, on_gpu: bool):
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        self.cfg, self.env = cfg, env
+        self.task, self.env = task, env
         self.device = torch.device("cuda", env.local_rank) if on_gpu else torch.device("cpu")
         try:
             self.accumulation = cfg.accumulation(env.world_size)
         except ValueError as e:
             raise UserError(str(e)) from None
         shards = open_shards(cfg.data.shards, cfg.data.split, cfg.data.verify_hashes)  # before any work
+        self.cfg = cfg = task.resolve(shards)
         self.split_size = shards.total
         self.total_steps = cfg.length.steps(shards.total, cfg.global_batch)
         warmup_steps = round(cfg.optim.warmup_epochs * shards.total / cfg.global_batch)
         self.run_dir = Path(cfg.run_dir)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_provenance(self.run_dir, cfg, "pretrain")
+            write_provenance(self.run_dir, cfg, task.stage)
         dist.barrier()
 
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last, env.rank, env.world_size)
         resume = self.checkpointer.resume_point() if cfg.checkpoint.resume else None
         self.hashes = config_hashes(cfg)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        model = MaskedAutoencoder(cfg.model)
-        model.set_grad_checkpointing(cfg.activation_checkpointing)
-        optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.global_batch, warmup_steps, self.total_steps)
+        module = task.build(cfg).to(self.device)
+        if env.is_main:
+            for note in task.notes:
+                print(f"{task.stage}: {note}", flush=True)
+        groups = task.param_groups(module)
+        optimizer, scheduler = build_optimizer(groups, cfg.optim, cfg.global_batch, warmup_steps, self.total_steps)
+        self.first_group_scale = groups[0]["lr_scale"]  # logs show the peak (scale 1) lr
         bf16 = cfg.precision is Precision.bf16 or (cfg.precision is Precision.auto and on_gpu)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=PretrainModule(model, build_objective(cfg.objective)).to(self.device), optimizer=optimizer,
+            model=module, optimizer=optimizer,
             lr_scheduler=scheduler, config=deepspeed_config(cfg, self.accumulation, bf16, bool(resume and resume.elastic)),
             dist_init_required=False)
         self.step, self.samples_seen = 0, 0
+        self.last_validation: dict = {}
         self.loader = self._restore(resume) if resume else self._loader(cfg.data.seed, None)
-        self.flops_per_image = training_flops_per_image(cfg.model, cfg.objective, cfg.micro_batch)
+        self.flops_per_image = task.flops_per_image(cfg)
 
     def _loader(self, seed: int, state) -> DaliLoader:
         data = dataclasses.replace(self.cfg.data, batch_size=self.cfg.micro_batch, seed=seed)
@@ -152,9 +142,22 @@ class Trainer:
         return self.checkpointer.save(self.engine, self.step, self.samples_seen, self.hashes["model"],
                                       self._client_state())
 
+    def _validation_due(self) -> bool:
+        every = self.task.validate_every
+        return bool(every) and (self.step % every == 0 or self.step == self.total_steps)
+
+    def _validate(self, log: MetricsLog) -> None:
+        self.engine.module.eval()
+        with torch.no_grad():
+            metrics = self.task.validate(self.engine.module, self.cfg, self.env, self.device, self.step)
+        self.engine.module.train()
+        if metrics:
+            log.log({"step": self.step, **metrics})
+            self.last_validation = {"step": self.step, **metrics}
+
     def run(self) -> dict:
         cfg, env = self.cfg, self.env
-        log = MetricsLog(self.run_dir, env.is_main, self.step, self.total_steps)
+        log = MetricsLog(self.run_dir, env.is_main, self.step, self.total_steps, self.task.stage)
         stop = StopRequest()
         saved_at, stopped_by = self.step if self.step else None, None
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -163,10 +166,10 @@ class Trainer:
             while self.step < self.total_steps:
                 for micro in range(self.accumulation):
                     waited = time.perf_counter()
-                    images = next(self.loader).images
+                    batch = next(self.loader)
                     data_wait += time.perf_counter() - waited
                     generator = step_generator(cfg.seed, self.step * self.accumulation + micro, env.rank, self.device)
-                    loss, _ = self.engine(images, generator)
+                    loss, _ = self.engine(batch.images, batch.labels, generator)
                     self.engine.backward(loss)
                     self.engine.step()
                     loss_sum += loss.detach()
@@ -184,7 +187,7 @@ class Trainer:
                     log.log({"step": self.step, "samples": self.samples_seen,
                              "epoch": self.samples_seen / self.split_size,
                              "loss": loss_total / (interval_steps * self.accumulation * env.world_size),
-                             "lr": self.engine.get_lr()[0], "images_per_s": rate,
+                             "lr": self.engine.get_lr()[0] / self.first_group_scale, "images_per_s": rate,
                              "mfu": rate * self.flops_per_image / (cfg.peak_tflops * 1e12 * env.world_size),
                              "data_wait": data_wait / elapsed})
                     loss_sum.zero_()
@@ -192,6 +195,8 @@ class Trainer:
                     if stop_votes > 0:
                         stopped_by = stop.signal_name or "a stop signal on another rank"
                         break
+                if self._validation_due():
+                    self._validate(log)
                 if self.step % cfg.checkpoint.every_steps == 0:
                     self.save()
                     saved_at = self.step
@@ -203,4 +208,5 @@ class Trainer:
             stop.restore()
             log.close()
         return {"step": self.step, "total_steps": self.total_steps, "samples_seen": self.samples_seen,
-                "stopped_by": stopped_by, "checkpoint": self.checkpointer.latest_tag()}
+                "stopped_by": stopped_by, "checkpoint": self.checkpointer.latest_tag(),
+                "validation": self.last_validation}

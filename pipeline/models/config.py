@@ -24,21 +24,20 @@ DECODERS = {
 
 
 @dataclass
-class ModelConfig:
+class EncoderConfig:
+    """The ViT encoder shared by the autoencoder (pretraining) and the classifier (fine-tuning)."""
+
     encoder: str = "vit_large_patch16"
-    decoder: str = "mae"
     img_size: int = 224
     in_chans: int = 3
     mlp_ratio: float = 4.0
-    # Normalization applied inside the objectives, after noise is added in [0, 1] pixel space.
+    # Normalization applied inside the models, after noise is added in [0, 1] pixel space.
     pixel_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     pixel_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder '{self.encoder}' unknown; known: {sorted(ENCODERS)}")
-        if self.decoder not in DECODERS:
-            raise ValueError(f"decoder '{self.decoder}' unknown; known: {sorted(DECODERS)}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch size {self.patch_size}")
         if not len(self.pixel_mean) == len(self.pixel_std) == self.in_chans:
@@ -61,9 +60,37 @@ class ModelConfig:
         return ENCODERS[self.encoder][3]
 
     @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+
+@dataclass
+class ModelConfig(EncoderConfig):
+    """The masked autoencoder: an encoder and a named decoder."""
+
+    decoder: str = "mae"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder '{self.decoder}' unknown; known: {sorted(DECODERS)}")
+
+    @property
     def decoder_dims(self) -> tuple[int, int, int]:
         return DECODERS[self.decoder]
 
-    @property
-    def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
+
+@dataclass
+class ClassifierConfig(EncoderConfig):
+    """The fine-tuned classifier (MAE's models_vit): encoder, global average pool, fc_norm, head."""
+
+    num_classes: int = 0  # 0: the number of classes in the training shards' manifest
+    global_pool: bool = True  # average the patch tokens (MAE's default); False: the CLS token
+    drop_path: float = 0.1  # stochastic depth, rising linearly to this rate at the last block
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: from the manifest), got {self.num_classes}")
+        if not 0 <= self.drop_path < 1:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")

@@ -14,18 +14,14 @@ Nothing here reads a tensor's value on the host.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 
 from pipeline.models.config import ModelConfig
 from pipeline.models.pos_embed import sincos_2d
-from pipeline.timm_import import timm  # noqa: F401  (makes timm importable with the CPU torch)
-from timm.layers import PatchEmbed  # noqa: E402
-from timm.models.vision_transformer import Block  # noqa: E402
+from pipeline.models.vit import ViTTrunk, layer_norm, transformer_blocks
 
 
 class MaskedOutput(NamedTuple):
@@ -56,47 +52,21 @@ def random_masking(x: torch.Tensor, noise: torch.Tensor, mask_ratio: float):
     return kept, mask, ids_restore
 
 
-class MaskedAutoencoder(nn.Module):
+class MaskedAutoencoder(ViTTrunk):
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
+        super().__init__(cfg)
         self.cfg = cfg
-        dim, heads, patch = cfg.embed_dim, cfg.num_heads, cfg.patch_size
         dec_dim, dec_depth, dec_heads = cfg.decoder_dims
-        norm = partial(nn.LayerNorm, eps=1e-6)
-
-        self.patch_embed = PatchEmbed(cfg.img_size, patch, cfg.in_chans, dim)
         num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim), requires_grad=False)
-        self.blocks = nn.ModuleList(
-            Block(dim, heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(cfg.depth))
-        self.norm = norm(dim)
+        self.norm = layer_norm(cfg.embed_dim)
 
-        self.decoder_embed = nn.Linear(dim, dec_dim)
+        self.decoder_embed = nn.Linear(cfg.embed_dim, dec_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dec_dim), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(
-            Block(dec_dim, dec_heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(dec_depth))
-        self.decoder_norm = norm(dec_dim)
-        self.decoder_pred = nn.Linear(dec_dim, patch * patch * cfg.in_chans)
-
-        # Normalization constants, kept out of the state dict (not in MAE's checkpoints).
-        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, -1, 1, 1), persistent=False)
-        self.grad_checkpointing = False
+        self.decoder_blocks = transformer_blocks(dec_dim, dec_depth, dec_heads, cfg.mlp_ratio)
+        self.decoder_norm = layer_norm(dec_dim)
+        self.decoder_pred = nn.Linear(dec_dim, cfg.patch_size ** 2 * cfg.in_chans)
         self.reset_parameters()
-
-    def set_grad_checkpointing(self, enabled: bool) -> None:
-        """Recompute each block's activations in backward instead of keeping them (saves memory)."""
-        self.grad_checkpointing = enabled
-
-    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        for block in blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
 
     # -- initialization (MAE's) ------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -118,12 +88,6 @@ class MaskedAutoencoder(nn.Module):
                 nn.init.zeros_(module.bias)
 
     # -- pixels and patches ----------------------------------------------------------------------
-    def normalize(self, images01: torch.Tensor) -> torch.Tensor:
-        return (images01 - self.pixel_mean) / self.pixel_std
-
-    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
-        return images * self.pixel_std + self.pixel_mean
-
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, L, p*p*C] in MAE's order (row-major patches, (p, q, c) inside)."""
         p, c = self.cfg.patch_size, images.shape[1]
@@ -139,15 +103,13 @@ class MaskedAutoencoder(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward_encoder(self, images: torch.Tensor, mask_noise: Optional[torch.Tensor], mask_ratio: float):
-        x = self.patch_embed(images) + self.pos_embed[:, 1:, :]
+        x = self.embed_patches(images)
         if mask_noise is None or mask_ratio == 0:  # NIM: every patch, no masking
             mask = torch.zeros(x.shape[:2], device=x.device, dtype=torch.float32)
             ids_restore = None
         else:
             x, mask, ids_restore = random_masking(x, mask_noise, mask_ratio)
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        return self.norm(self._run_blocks(self.blocks, x)), mask, ids_restore
+        return self.norm(self._run_blocks(self.blocks, self.prepend_cls(x))), mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: Optional[torch.Tensor]) -> torch.Tensor:
         x = self.decoder_embed(latent)
@@ -165,10 +127,3 @@ class MaskedAutoencoder(nn.Module):
         """images: normalized [B, C, H, W]; mask_noise: uniform [B, L] (None: no masking)."""
         latent, mask, ids_restore = self.forward_encoder(images, mask_noise, mask_ratio)
         return MaskedOutput(self.forward_decoder(latent, ids_restore), mask, latent)
-
-    # -- parameter groups ------------------------------------------------------------------------
-    def encoder_parameters(self):
-        """The parameters of the encoder alone (what fine-tuning keeps)."""
-        for name, param in self.named_parameters():
-            if not name.startswith(("decoder_", "mask_token")):
-                yield name, param

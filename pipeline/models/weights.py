@@ -55,18 +55,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_weights(model: nn.Module, path: str | Path, strict: bool = False) -> LoadReport:
-    """Copy matching tensors into `model`; with strict, any difference is an error naming the keys."""
-    state = read_state_dict(path)
+def match_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path
+                ) -> tuple[LoadReport, dict[str, torch.Tensor]]:
+    """The report of how `state` fits `model`, and the tensors whose names and shapes match."""
     own = model.state_dict()
     report = LoadReport(str(path), missing=sorted(set(own) - set(state)), unexpected=sorted(set(state) - set(own)))
     usable = {}
-    for key in set(own) & set(state):
+    for key in sorted(set(own) & set(state)):
         if own[key].shape != state[key].shape:
             report.mismatched.append(f"{key}: {tuple(state[key].shape)} vs {tuple(own[key].shape)}")
         else:
             usable[key] = state[key]
-    report.mismatched.sort()
+    return report, usable
+
+
+def load_weights(model: nn.Module, path: str | Path, strict: bool = False) -> LoadReport:
+    """Copy matching tensors into `model`; with strict, any difference is an error naming the keys."""
+    report, usable = match_state(model, read_state_dict(path), path)
     if strict and (report.missing or report.unexpected or report.mismatched):
         raise UserError(str(report))
     model.load_state_dict(usable, strict=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.attacks import pgd_linf
 from pipeline.models.mae import MaskedAutoencoder
 from pipeline.objectives.base import ObjectiveOutput, mask_noise, masked_mean, patch_losses, pixel_target
 from pipeline.objectives.config import MIMIRConfig
@@ -27,16 +28,8 @@ class MIMIR:
         return masked_mean(patch_losses(out.pred, pixel_target(model, images01, self.norm_pix_loss)), out.mask)
 
     def perturb(self, model: MaskedAutoencoder, images01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        eps, alpha = self.cfg.epsilon, self.cfg.step_size
-        start = (torch.rand(images01.shape, generator=generator, device=images01.device) * 2 - 1) * eps
-        adv = (images01 + start).clamp(0, 1)
-        for _ in range(self.cfg.steps):
-            adv.requires_grad_(True)
-            loss = self.self_reconstruction_loss(model, adv, generator)
-            grad, = torch.autograd.grad(loss, adv)  # input gradient only: parameters get none
-            adv = adv.detach() + alpha * grad.sign()
-            adv = torch.minimum(torch.maximum(adv, images01 - eps), images01 + eps).clamp(0, 1)
-        return adv.detach()
+        return pgd_linf(lambda adv: self.self_reconstruction_loss(model, adv, generator), images01,
+                        self.cfg.epsilon, self.cfg.step_size, self.cfg.steps, random_start=True, generator=generator)
 
     def __call__(self, model: MaskedAutoencoder, images01: torch.Tensor, generator: torch.Generator) -> ObjectiveOutput:
         adv = self.perturb(model, images01, generator)

@@ -1,0 +1,103 @@
+"""The fine-tuning recipes: `recipe(module, images01, labels, generator) -> (loss, metrics)`.
+
+`module` is the FinetuneModule DeepSpeed wraps (`module.model` the classifier, `module.denoiser`
+De³'s frozen NIM autoencoder). Every draw comes from the step's generator. Order of operations
+follows each method's code: erasing is part of the image transform (before anything else);
+DMAE adds its noise before mixup; NIM adds its noise after mixup.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.attacks import pgd_linf
+from pipeline.finetune.config import RecipeConfig, RecipeName
+from pipeline.finetune.mixing import BatchMixer, random_erase, soft_cross_entropy
+from pipeline.models.deployed import denoise
+
+
+def gaussian(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+
+
+class Recipe:
+    def __init__(self, cfg: RecipeConfig, num_classes: int):
+        self.cfg = cfg
+        self.mixer = BatchMixer(cfg.mixup, num_classes, cfg.label_smoothing)
+
+    def erase(self, module, images01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        model = module.model
+        return random_erase(images01, self.cfg.random_erasing, model.pixel_mean, model.pixel_std, generator)
+
+
+class Standard(Recipe):
+    """MAE: erasing, mixup / cutmix with label smoothing, soft-target cross-entropy."""
+
+    def __call__(self, module, images01, labels, generator):
+        inputs, targets = self.mixer(self.erase(module, images01, generator), labels, generator)
+        loss = soft_cross_entropy(module.model(inputs), targets)
+        return loss, {"loss": loss.detach()}
+
+
+class DenoisedTraining(Recipe):
+    """NIM De³: noise with sigma ~ U(low, high) per image after mixup, denoised by the frozen
+    NIM autoencoder (no gradient), clamped to [0, 1], classified."""
+
+    def __call__(self, module, images01, labels, generator):
+        cfg = self.cfg.de3
+        inputs, targets = self.mixer(self.erase(module, images01, generator), labels, generator)
+        u = torch.rand(inputs.shape[0], generator=generator, device=inputs.device)
+        sigma = (cfg.train_sigma_low + (cfg.train_sigma_high - cfg.train_sigma_low) * u) / 255
+        noisy = inputs + sigma.view(-1, 1, 1, 1) * gaussian(inputs, generator)
+        with torch.no_grad():
+            denoised = denoise(module.denoiser, noisy, sigma, module.denoiser_norm_pix).clamp(0, 1)
+        loss = soft_cross_entropy(module.model(denoised), targets)
+        return loss, {"loss": loss.detach()}
+
+
+class NoisyConsistency(Recipe):
+    """DMAE: each image in `copies` Gaussian-noised copies at sigma (noise before mixup, both
+    copies with the same partner), soft cross-entropy over all copies, plus
+    lambda * mean_i KL(p_mean || p_i) + eta * H(p_mean) (Jeong & Shin 2020)."""
+
+    def __call__(self, module, images01, labels, generator):
+        cfg = self.cfg.dmae
+        copies = cfg.copies
+        repeated = self.erase(module, images01.repeat_interleave(copies, dim=0), generator)
+        noisy = repeated + cfg.sigma * gaussian(repeated, generator)
+        inputs, targets = self.mixer(noisy, labels.repeat_interleave(copies, dim=0), generator)
+        logits = module.model(inputs).float()
+        loss = classification = soft_cross_entropy(logits, targets)
+        metrics = {"classification": classification.detach()}
+        if cfg.consistency:
+            log_probs = F.log_softmax(logits, dim=-1).view(images01.shape[0], copies, -1)
+            mean_probs = log_probs.exp().mean(dim=1)
+            log_mean = mean_probs.clamp_min(1e-12).log()
+            kl = (mean_probs.unsqueeze(1) * (log_mean.unsqueeze(1) - log_probs)).sum(-1).mean()
+            entropy = -(mean_probs * log_mean).sum(-1).mean()
+            loss = loss + cfg.consistency_weight * kl + cfg.eta * entropy
+            metrics.update(consistency_kl=kl.detach(), entropy=entropy.detach())
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+
+class AdversarialTraining(Recipe):
+    """MIMIR: PGD in L-inf on the (mixed) batch against the current model, cross-entropy on the
+    adversarial images only."""
+
+    def __call__(self, module, images01, labels, generator):
+        cfg = self.cfg.mimir
+        inputs, targets = self.mixer(self.erase(module, images01, generator), labels, generator)
+        adv = pgd_linf(lambda x: soft_cross_entropy(module.model(x), targets), inputs, cfg.epsilon,
+                       cfg.step_size, cfg.steps, cfg.random_start, generator)
+        loss = soft_cross_entropy(module.model(adv), targets)
+        return loss, {"loss": loss.detach()}
+
+
+RECIPES = {RecipeName.standard: Standard, RecipeName.de3: DenoisedTraining,
+           RecipeName.dmae: NoisyConsistency, RecipeName.mimir: AdversarialTraining}
+
+
+def build_recipe(cfg: RecipeConfig, num_classes: int) -> Recipe:
+    return RECIPES[cfg.name](cfg, num_classes)

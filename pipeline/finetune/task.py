@@ -1,0 +1,148 @@
+"""Fine-tuning as an engine task: the classifier under its recipe, validated as deployed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from robustmim.config import config_from_dict
+from robustmim.errors import UserError
+from pipeline.data.dali import DaliLoader
+from pipeline.data.shardset import ShardSet, open_shards
+from pipeline.dist import DistEnv
+from pipeline.engine.optim import layer_decay_groups
+from pipeline.finetune.config import FinetuneConfig, RecipeName
+from pipeline.finetune.recipes import build_recipe
+from pipeline.flops import finetune_flops_per_image
+from pipeline.models.classifier import ViTClassifier, load_pretrained_encoder
+from pipeline.models.config import ModelConfig
+from pipeline.models.deployed import DenoiseThenClassify
+from pipeline.models.mae import MaskedAutoencoder
+from pipeline.models.weights import load_weights
+from pipeline.objectives.base import step_generator
+
+VALIDATION_SEED_OFFSET = 7919  # validation noise draws apart from the training draws of a step
+
+
+def read_autoencoder_export(path: str | Path) -> tuple[ModelConfig, bool]:
+    """(model config, norm_pix) from the JSON beside a pretraining export."""
+    meta_path = Path(path).with_suffix(".json")
+    if not meta_path.is_file():
+        raise UserError(f"{meta_path}: missing; the denoiser must be a `robustmim export` of a NIM run "
+                        f"(its JSON says how to rebuild the autoencoder)")
+    meta = json.loads(meta_path.read_text())
+    if not isinstance(meta.get("model"), dict):
+        raise UserError(f"{meta_path}: no 'model' section")
+    return config_from_dict(ModelConfig, meta["model"], f"{meta_path}: model"), bool(meta.get("norm_pix_loss", True))
+
+
+class FinetuneModule(nn.Module):
+    """What DeepSpeed wraps: the classifier (`model.*`) and, for De³, the frozen denoiser."""
+
+    def __init__(self, model: ViTClassifier, recipe, denoiser: Optional[MaskedAutoencoder] = None,
+                 denoiser_norm_pix: bool = True):
+        super().__init__()
+        self.model, self.recipe = model, recipe
+        self.denoiser, self.denoiser_norm_pix = denoiser, denoiser_norm_pix
+        if denoiser is not None:
+            denoiser.eval()  # frozen: no dropout/drop path, no gradients
+            denoiser.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FinetuneModule":
+        super().train(mode)
+        if self.denoiser is not None:
+            self.denoiser.eval()
+        return self
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+        return self.recipe(self, images, labels, generator)
+
+
+class FinetuneTask:
+    stage = "finetune"
+
+    def __init__(self, cfg: FinetuneConfig):
+        self.cfg = cfg
+        self.validate_every = cfg.validation.every_steps
+        self.notes: list[str] = []
+        self.denoiser_config: Optional[ModelConfig] = None
+        self.denoiser_norm_pix = True
+        if cfg.recipe.name is RecipeName.de3:
+            self.denoiser_config, self.denoiser_norm_pix = read_autoencoder_export(cfg.recipe.de3.denoiser)
+
+    def resolve(self, shards: ShardSet) -> FinetuneConfig:
+        cfg = self.cfg
+        classes = cfg.model.num_classes or shards.num_classes
+        if classes < shards.num_classes:
+            raise UserError(f"model.num_classes={classes}, but {cfg.data.shards} has {shards.num_classes} classes")
+        if self.validate_every:  # fail now, not at the first validation
+            open_shards(cfg.data.shards, cfg.validation.split)
+        self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=classes))
+        return self.cfg
+
+    def build(self, cfg: FinetuneConfig) -> FinetuneModule:
+        model = ViTClassifier(cfg.model)
+        if cfg.init:
+            self.notes.append(f"initialized from {load_pretrained_encoder(model, cfg.init)}")
+        model.set_grad_checkpointing(cfg.activation_checkpointing)
+        denoiser = None
+        if self.denoiser_config is not None:
+            denoiser = MaskedAutoencoder(self.denoiser_config)
+            load_weights(denoiser, cfg.recipe.de3.denoiser, strict=True)
+        return FinetuneModule(model, build_recipe(cfg.recipe, cfg.model.num_classes), denoiser, self.denoiser_norm_pix)
+
+    def param_groups(self, module: FinetuneModule) -> list[dict]:
+        optim = self.cfg.optim
+        return layer_decay_groups(module.model, optim.weight_decay, optim.layer_decay, self.cfg.model.depth)
+
+    def flops_per_image(self, cfg: FinetuneConfig) -> float:
+        return finetune_flops_per_image(cfg, self.denoiser_config)
+
+    def deployed(self, module: FinetuneModule) -> nn.Module:
+        """The model as the eval stage will load it (DMAE: its base classifier under one noise draw)."""
+        if module.denoiser is not None:
+            return DenoiseThenClassify(module.denoiser, module.model, self.cfg.recipe.de3.deploy_sigma / 255,
+                                       module.denoiser_norm_pix)
+        return module.model
+
+    def validate(self, module: FinetuneModule, cfg: FinetuneConfig, env: DistEnv, device: torch.device,
+                 step: int) -> dict[str, float]:
+        """Top-1 of the deployed model on the validation split, each rank its exact chunk."""
+        data = dataclasses.replace(cfg.data, split=cfg.validation.split, augment=False,
+                                   batch_size=cfg.validation.batch_size)
+        loader = DaliLoader(data, env.rank, env.world_size, env.local_rank, train=False)
+        generator = step_generator(cfg.seed + VALIDATION_SEED_OFFSET, step, env.rank, device)
+        deployed = self.deployed(module)
+        counts = torch.zeros(2, device=device, dtype=torch.float64)  # [correct, seen]
+        every = cfg.validation.every_nth
+        index = loader.first_index
+        for batch in loader:
+            keep = [i for i in range(batch.labels.shape[0]) if (index + i) % every == 0]  # host ints: no sync
+            index += batch.labels.shape[0]
+            if not keep:
+                continue
+            images, labels = batch.images[keep], batch.labels[keep]
+            if cfg.recipe.name is RecipeName.dmae:
+                noise = torch.randn(images.shape, generator=generator, device=device, dtype=images.dtype)
+                logits = deployed(images + cfg.recipe.dmae.sigma * noise)
+            elif isinstance(deployed, DenoiseThenClassify):
+                logits = deployed(images, generator)
+            else:
+                logits = deployed(images)
+            counts[0] += (logits.argmax(dim=-1) == labels.to(device)).sum()
+            counts[1] += images.shape[0]
+        dist.all_reduce(counts)
+        correct, seen = counts.tolist()
+        return {"val_top1": correct / max(seen, 1), "val_samples": seen}
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    from pipeline.engine.trainer import train
+
+    return train(cfg, FinetuneTask(cfg))
