@@ -39,7 +39,8 @@ RECIPES := standard:mae de3:nim dmae:dmae mimir:mimir
 RUN := $(BIN)/robustmim
 
 # shards -> tiny MAE, NIM, DMAE and MIMIR pretraining (2 ranks, ZeRO-2) -> exports -> each
-# defense's classifier (2 ranks) -> classifier exports. Re-running resumes each stage.
+# defense's classifier (2 ranks) -> classifier exports -> robustness evaluation (2 ranks: clean,
+# PGD with EOT, CERTIFY for DMAE) -> one table and plots. Re-running resumes each stage.
 demo: install fashion-mnist
 	$(RUN) shards build --config configs/shards/fashion_mnist.yaml out=$(DEMO_DIR)/shards
 	set -e; for m in $(METHODS); do \
@@ -53,6 +54,13 @@ demo: install fashion-mnist
 	    recipe.de3.denoiser=$(DEMO_DIR)/nim_tiny.safetensors; \
 	  $(RUN) export $(DEMO_DIR)/finetune_$$r --out $(DEMO_DIR)/classifiers/$${r}_tiny.safetensors; \
 	done
+	set -e; for r in standard de3 dmae mimir; do \
+	  $(RUN) eval --config configs/eval/tiny_fmnist.yaml --nproc-per-node 2 \
+	    --model $(DEMO_DIR)/classifiers/$${r}_tiny.json --data $(DEMO_DIR)/shards --out $(DEMO_DIR)/eval/$$r \
+	    certify.enabled=$$([ $$r = dmae ] && echo true || echo false); \
+	done
+	$(RUN) report $(DEMO_DIR)/eval/standard $(DEMO_DIR)/eval/de3 $(DEMO_DIR)/eval/dmae $(DEMO_DIR)/eval/mimir \
+	  --out $(DEMO_DIR)/report
 	@echo
 	@echo "demo outputs:"
 	@echo "  shards:       $(DEMO_DIR)/shards/ (manifest.json, skipped.jsonl)"
@@ -60,6 +68,8 @@ demo: install fashion-mnist
 	@echo "  encoders:     $(DEMO_DIR)/{mae,nim,dmae,mimir}_tiny.safetensors (+ .json with the model config)"
 	@echo "  fine-tuning:  $(DEMO_DIR)/finetune_{standard,de3,dmae,mimir}/ (validation top-1 in metrics.jsonl)"
 	@echo "  classifiers:  $(DEMO_DIR)/classifiers/*_tiny.safetensors (+ .json: how to rebuild the deployed model)"
+	@echo "  evaluations:  $(DEMO_DIR)/eval/*/ (records.jsonl, summary.json; certify.tsv for DMAE)"
+	@echo "  report:       $(DEMO_DIR)/report/report.md (the table above) and its PNG plots"
 
 test: install fashion-mnist
 	$(BIN)/python -m pytest -q
@@ -69,6 +79,7 @@ bench: install fashion-mnist
 	$(BIN)/python -m bench.loader
 	$(BIN)/python -m bench.step
 	$(BIN)/python -m bench.engine
+	$(BIN)/python -m bench.certify
 
 # Re-pin every package after a change of pyproject.toml's dependencies.
 lock: install

@@ -30,3 +30,15 @@ def pgd_linf(loss_of: Callable[[torch.Tensor], torch.Tensor], clean: torch.Tenso
         grad, = torch.autograd.grad(loss_of(adv), adv)
         adv = project_linf(adv.detach() + step_size * grad.sign(), clean, epsilon)
     return adv.detach()
+
+
+def project_l2(adv: torch.Tensor, clean: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Into the L2 ball of radius epsilon around `clean` (per sample), then into [0, 1]."""
+    delta = adv - clean
+    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (clean.dim() - 1))
+    return (clean + delta * torch.clamp(epsilon / norms, max=1.0)).clamp(0, 1)
+
+
+def normalized_l2(grad: torch.Tensor) -> torch.Tensor:
+    """Each sample's gradient scaled to unit L2 norm (the L2 steepest-ascent direction)."""
+    return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))

@@ -12,8 +12,9 @@ FLAGS = {"nodes": int, "gpus_per_node": int, "tasks_per_node": int, "cpus_per_ta
 
 
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("stage", choices=["pretrain", "finetune", "check"],
-                        help="pretrain, finetune: a training run; check: a distributed all-reduce smoke test")
+    parser.add_argument("stage", choices=["pretrain", "finetune", "eval", "check"],
+                        help="pretrain, finetune: a training run; eval: an array job, one task per eval shard; "
+                             "check: a distributed all-reduce smoke test")
     parser.add_argument("--config", help="the stage's experiment YAML")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="the stage's dotted overrides")
     parser.add_argument("--slurm-config", help="YAML of SlurmConfig values; flags below override it")
@@ -21,6 +22,7 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--" + name.replace("_", "-"), type=kind, dest=f"slurm_{name}")
     parser.add_argument("--exclusive", action="store_true", dest="slurm_exclusive")
     parser.add_argument("--run-dir", help="where a `check` job writes (training stages use their run_dir)")
+    parser.add_argument("--array-tasks", type=int, help="eval: number of array tasks (default: one per eval shard)")
     parser.add_argument("--dry-run", action="store_true", help="print the batch script and plan; submit nothing")
 
 
@@ -36,6 +38,8 @@ def run_submit(args: argparse.Namespace) -> int:
         flags.append("exclusive=true")
     slurm_cfg = load_config(SlurmConfig, args.slurm_config, flags)
     describe = ""
+    if args.stage == "eval":
+        return submit_eval(args, slurm_cfg)
     if args.stage in TRAINING_STAGES:
         config_class = resolve(TRAINING_STAGES[args.stage][0])
         cfg = load_config(config_class, args.config, args.overrides)
@@ -55,6 +59,35 @@ def run_submit(args: argparse.Namespace) -> int:
     if job_id:
         print(f"submitted {args.stage} as job {job_id}; logs in {run_dir / 'slurm' / job_id}; "
               f"`robustmim status {run_dir}` shows its progress")
+    return 0
+
+
+def submit_eval(args: argparse.Namespace, slurm_cfg) -> int:
+    """An array job: each task evaluates one chunk of the samples, alone (one task per array element)."""
+    import dataclasses
+
+    from robustmim.config import load_config
+    from robustmim.errors import UserError
+    from pipeline.data.shardset import open_shards
+    from eval.config import EvalConfig
+    from slurm.job import EvalTask
+    from slurm.launch import submit_array
+
+    cfg = load_config(EvalConfig, args.config, args.overrides)
+    tasks = args.array_tasks or len(open_shards(cfg.shards, cfg.split).tar_paths)
+    if tasks < 1:
+        raise UserError(f"--array-tasks must be >= 1, got {tasks}")
+    out = Path(cfg.out_dir)
+    task_cfg = dataclasses.replace(slurm_cfg, nodes=1, tasks_per_node=1, gpus_per_node=min(slurm_cfg.gpus_per_node, 1))
+    if args.dry_run:
+        print(f"# eval array: {tasks} task(s), each 1 task ({task_cfg.gpus_per_node} GPU) evaluating one chunk of "
+              f"{cfg.split} in {cfg.shards}; records in {out}/records/, merge with --merge-only")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    job_ids = submit_array(EvalTask(args.config, args.overrides, tasks), list(range(tasks)), task_cfg, out.resolve(),
+                           stage="eval")
+    print(f"submitted eval as array job {job_ids[0].split('_')[0]} ({tasks} tasks); `robustmim status {out}` "
+          f"shows them; then `robustmim eval --config ... --merge-only` or `robustmim report {out} --out ...`")
     return 0
 
 
@@ -96,6 +129,14 @@ def run_status(args: argparse.Namespace) -> int:
     if validation:
         print(f"last validation: step {validation[-1]['step']}, top-1 {validation[-1]['val_top1']:.4f} "
               f"on {validation[-1]['val_samples']:.0f} images")
+    plan = run_dir / "plan.json"
+    if plan.is_file():  # an evaluation
+        from eval.records import recorded_indices
+
+        wanted = len(json.loads(plan.read_text())["indices"])
+        print(f"evaluation: {len(recorded_indices(run_dir))} of {wanted} samples recorded"
+              f"{'; merged' if (run_dir / 'summary.json').is_file() else ''}")
+        return 1 if problems else 0
     latest = run_dir / "checkpoints" / "latest"
     print(f"last checkpoint: {latest.read_text().strip() if latest.is_file() else 'none'}")
     return 1 if problems else 0

@@ -103,3 +103,26 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(self)
+
+
+class EvalTask:
+    """One array task of `robustmim submit eval`: chunk `rank` of `world_size` of the evaluated
+    samples (one per eval shard by default). Tasks share nothing while they run; a requeued or
+    re-submitted task skips what its records already hold. Merge with `robustmim eval
+    --merge-only` (or `robustmim report`, which merges when needed)."""
+
+    def __init__(self, config_path: Optional[str], overrides: list[str], world_size: int):
+        self.config_path, self.overrides, self.world_size = config_path, list(overrides), world_size
+
+    def __call__(self, rank: int) -> dict:
+        from robustmim.config import load_config
+        from eval.config import EvalConfig
+        from eval.runner import run_eval
+
+        threads = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        result = run_eval(load_config(EvalConfig, self.config_path, self.overrides), rank, self.world_size)
+        return {"rank": rank, "evaluated": result["evaluated"]}

@@ -176,3 +176,42 @@ def test_two_node_job_on_one_machine(tmp_path, monkeypatch):
         assert f"NodeList={cluster.hostname}n[1-2]" in nodes  # one task on each node
     finally:
         cluster.stop()
+
+
+def test_eval_array_job_one_task_per_shard_merges_to_the_single_process_result(slurm_cluster, tmp_path,
+                                                                              fashion_val_shards):
+    """fashion_val_shards: the val split in 20 shards of 500 -> 20 array tasks by default; here 4."""
+    import torch
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from pipeline.models.classifier import ViTClassifier
+    from pipeline.models.deployed import DeploymentSpec
+    from test_finetune_parts import classifier_config
+
+    torch.manual_seed(0)
+    model = ViTClassifier(classifier_config())
+    save_file(model.state_dict(), str(tmp_path / "m.safetensors"))
+    spec = DeploymentSpec(method="standard", weights="m.safetensors", classifier=model.cfg)
+    (tmp_path / "m.json").write_text(json.dumps(OmegaConf.to_container(OmegaConf.structured(spec), enum_to_str=True)))
+    settings = [f"model={tmp_path / 'm.json'}", f"shards={fashion_val_shards}", "every_nth=400", "batch_size=8",
+                "num_threads=1", "attacks=[{epsilons: [0.0157], steps: 2}]"]
+    single = run_cli("eval", *settings, f"out_dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr
+    out = tmp_path / "array"
+    submitted = run_cli("submit", "eval", *settings, f"out_dir={out}", "--array-tasks", 4, "--cpus-per-task", 1,
+                        "--time", 10, "--cluster", "slurm")
+    assert submitted.returncode == 0, submitted.stderr
+    job_ids = [job["job_id"] for job in read_submissions(out)]
+    assert len(job_ids) == 4 and all(wait_finished(j, timeout_s=300) == "COMPLETED" for j in job_ids)
+    status = run_cli("status", out)
+    assert "(eval, 1 task(s)" in status.stdout and "evaluation: 25 of 25 samples recorded" in status.stdout
+    merged = run_cli("eval", "--merge-only", "--out", out)
+    assert merged.returncode == 0, merged.stderr
+
+    def records(path):
+        rows = [json.loads(line) for line in (path / "records.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
+
+    assert records(out) == records(tmp_path / "single")
+    assert len(list((out / "records").glob("rank*.jsonl"))) == 4

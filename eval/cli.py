@@ -1,0 +1,78 @@
+"""`robustmim eval` and `robustmim report`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="evaluation YAML (configs/eval/*.yaml)")
+    parser.add_argument("--model", help="a classifier export's .json (sets model=)")
+    parser.add_argument("--data", help="a shards directory (sets shards=)")
+    parser.add_argument("--out", help="the evaluation's output directory (sets out_dir=)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. every_nth=50 certify.enabled=true 'attacks=[{norm: l2, epsilons: [0.5]}]'")
+    parser.add_argument("--nproc-per-node", type=int, default=1, help="start this many local ranks with torchrun")
+    parser.add_argument("--rank", type=int, help="evaluate one chunk as an independent task (a Slurm array task)")
+    parser.add_argument("--world-size", type=int, help="number of chunks (with --rank)")
+    parser.add_argument("--merge-only", action="store_true", help="merge the records of finished tasks and summarize")
+
+
+def eval_overrides(args: argparse.Namespace) -> list[str]:
+    named = [f"{key}={value}" for key, value in (("model", args.model), ("shards", args.data),
+                                                 ("out_dir", args.out)) if value]
+    return [*named, *args.overrides]
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    from robustmim.config import load_config
+    from robustmim.errors import UserError
+    from pipeline.cli import _free_port
+    from pipeline.dist import detect_env
+    from eval.config import EvalConfig
+
+    from eval.runner import finalize, run_eval
+
+    overrides = eval_overrides(args)
+    if args.merge_only:  # needs only the output directory
+        out_dir = args.out or load_config(EvalConfig, args.config, overrides).out_dir
+        print_summary(finalize(out_dir), out_dir)
+        return 0
+    cfg = load_config(EvalConfig, args.config, overrides)
+    if (args.rank is None) != (args.world_size is None) or (args.rank is not None and not 0 <= args.rank < args.world_size):
+        raise UserError("--rank and --world-size go together, with 0 <= rank < world size")
+    if args.nproc_per_node > 1 and detect_env().launcher == "single":
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc_per_node),
+                   "--master_port", str(_free_port()), "-m", "robustmim.cli", "eval",
+                   *(["--config", args.config] if args.config else []), *overrides]
+        os.execv(sys.executable, command)
+    result = run_eval(cfg, args.rank, args.world_size)
+    if result["summary"]:
+        print_summary(result["summary"], cfg.out_dir)
+    elif args.rank is not None:
+        print(f"eval: task {args.rank}/{args.world_size} evaluated {result['evaluated']} sample(s); "
+              f"merge with --merge-only when every task is done")
+    return 0
+
+
+def print_summary(summary: dict, out_dir) -> None:
+    from eval.report import summary_row
+
+    print(f"eval: {summary['samples']} samples -> {out_dir}/summary.json")
+    for key, value in summary_row(summary).items():
+        print(f"  {key}: {value}")
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("eval_dirs", nargs="+", help="evaluation output directories")
+    parser.add_argument("--out", required=True, help="directory for report.md and the plots")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from eval.report import write_report
+
+    table = write_report(args.eval_dirs, args.out)
+    print(table)
+    return 0

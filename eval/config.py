@@ -1,0 +1,107 @@
+"""`robustmim eval` configuration: what to evaluate, on which samples, with which attacks and
+certification settings (EVAL.md's protocols; ImageNet-style defaults)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING
+
+
+class Norm(enum.Enum):
+    linf = "linf"
+    l2 = "l2"
+
+
+class AttackLoss(enum.Enum):
+    ce = "ce"  # cross-entropy of the (EOT-averaged) prediction
+    margin = "margin"  # log p_label - max other log p (CW-style margin on log-probabilities)
+
+
+@dataclass
+class PGDConfig:
+    """PGD in [0, 1] pixel space: random start, `steps` steps, best of `restarts` runs per sample."""
+
+    norm: Norm = Norm.linf
+    epsilons: list[float] = field(default_factory=lambda: [4 / 255])
+    steps: int = 10
+    step_size: float = 0.0  # absolute; 0: 2.5 * epsilon / steps (Madry's heuristic)
+    restarts: int = 1
+    loss: AttackLoss = AttackLoss.ce
+    random_start: bool = True
+    # Randomized models (De³'s noise, DMAE's smoothing noise): each gradient averages the
+    # predicted probabilities over `eot` noise draws (EOT); each final adversarial image is
+    # scored by a majority vote over `score_draws` fresh draws. Deterministic models use 1 and 1.
+    eot: int = 8
+    score_draws: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.epsilons or any(e <= 0 for e in self.epsilons):
+            raise ValueError("attack epsilons must be a non-empty list of positive values")
+        if self.steps < 1 or self.restarts < 1 or self.eot < 1 or self.score_draws < 1 or self.step_size < 0:
+            raise ValueError("attack steps, restarts, eot and score_draws must be >= 1, step_size >= 0")
+
+    def step_for(self, epsilon: float) -> float:
+        return self.step_size or 2.5 * epsilon / self.steps
+
+    def name(self, epsilon: float) -> str:
+        """A stable key, e.g. pgd10_linf_ce_eps0.0157."""
+        return f"pgd{self.steps}_{self.norm.value}_{self.loss.value}_eps{epsilon:.4g}"
+
+
+@dataclass
+class CertifyConfig:
+    """Cohen et al.'s CERTIFY on the [0, 1] input, noise unclipped."""
+
+    enabled: bool = False
+    sigma: Optional[float] = None  # None: the exported model's smoothing sigma
+    n0: int = 100  # selection draws
+    n: int = 10_000  # estimation draws (Cohen's default 100,000; Carlini / DMAE 10,000)
+    alpha: float = 0.001
+    batch: int = 1000  # noisy copies per forward
+    radii: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0])
+
+    def __post_init__(self) -> None:
+        if self.n0 < 1 or self.n < 1 or self.batch < 1 or not 0 < self.alpha < 0.5:
+            raise ValueError("certify needs n0, n, batch >= 1 and 0 < alpha < 0.5")
+        if self.sigma is not None and self.sigma <= 0:
+            raise ValueError(f"certify.sigma must be positive, got {self.sigma}")
+
+
+@dataclass
+class PredictConfig:
+    """Cohen et al.'s PREDICT: abstain unless a binomial test separates the top two classes."""
+
+    enabled: bool = False
+    n: int = 1000
+    alpha: float = 0.001
+    batch: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.batch < 1 or not 0 < self.alpha < 0.5:
+            raise ValueError("predict needs n, batch >= 1 and 0 < alpha < 0.5")
+
+
+@dataclass
+class EvalConfig:
+    model: str = MISSING  # a classifier export's .json (or its .safetensors)
+    shards: str = MISSING  # a shards directory
+    out_dir: str = MISSING
+    split: str = "val"
+    seed: int = 0  # every draw of sample i comes from a generator seeded by (seed, i, purpose)
+    every_nth: int = 1  # the standard subsets: 50 or 100 for ImageNet val, 20 for a small test set
+    max_samples: int = 0  # stop after this many selected samples (0: all)
+    batch_size: int = 64  # images per forward for clean accuracy and attacks
+    eval_crop_fraction: float = 0.875  # resize shorter side to size / fraction, center crop
+    num_threads: int = 4
+    clean: bool = True
+    clean_draws: int = 8  # randomized models: clean prediction = majority over this many draws
+    attacks: list[PGDConfig] = field(default_factory=lambda: [PGDConfig()])
+    certify: CertifyConfig = field(default_factory=CertifyConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    def __post_init__(self) -> None:
+        if self.every_nth < 1 or self.max_samples < 0 or self.batch_size < 1 or self.clean_draws < 1:
+            raise ValueError("every_nth, batch_size and clean_draws must be >= 1, max_samples >= 0")

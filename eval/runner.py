@@ -1,0 +1,202 @@
+"""The evaluation driver: each rank (or array task) evaluates its exact chunk of the selected
+samples and appends records; the merge checks completeness and writes the results.
+
+Ranks need no collective while they work, so the same code runs under torchrun (a barrier
+before the merge), as independent Slurm array tasks (`--rank/--world-size`, merge later with
+`--merge-only` or `robustmim report`), or as one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from robustmim.config import load_config
+from robustmim.errors import UserError
+from robustmim.fileio import atomic_write_json, atomic_write_text, sha256_of_file
+from robustmim.provenance import write_provenance
+from pipeline.data.config import LoaderConfig
+from pipeline.data.dali import DaliLoader
+from pipeline.data.shardset import open_shards
+from pipeline.models.deployed import DefenseKind, load_deployed, read_spec
+from eval.attacks import pgd_attack
+from eval.certify import ABSTAIN, certify, predict
+from eval.config import EvalConfig
+from eval.model import EvalModel
+from eval.records import MERGED, RecordWriter, merge_records, recorded_indices
+from eval.sampling import CERTIFY_ESTIMATE, CERTIFY_SELECT, CLEAN, PREDICT, sample_generator, selected_indices
+from eval.summary import cohen_table, summarize
+
+PLAN = "plan.json"
+
+
+def certify_sigma(cfg: EvalConfig, spec) -> float | None:
+    """The smoothing sigma when certification or prediction is asked for."""
+    if not (cfg.certify.enabled or cfg.predict.enabled):
+        return None
+    if spec.defense is DefenseKind.denoise:
+        raise UserError(f"{cfg.model}: De³ draws its own noise inside the model; randomized smoothing needs a "
+                        f"deterministic base classifier (a standard, dmae or mimir export)")
+    sigma = cfg.certify.sigma if cfg.certify.sigma is not None else (
+        spec.sigma if spec.defense is DefenseKind.smoothing else None)
+    if sigma is None:
+        raise UserError(f"{cfg.model} was not trained for smoothing: set certify.sigma")
+    return sigma
+
+
+def write_plan(cfg: EvalConfig) -> dict:
+    """The evaluated index list and settings, fixed before any rank starts (same on every rank)."""
+    spec = read_spec(cfg.model)
+    shards = open_shards(cfg.shards, cfg.split)
+    weights = Path(cfg.model).with_suffix(".safetensors")
+    plan = {"model": str(cfg.model), "weights_sha256": sha256_of_file(weights) if weights.is_file() else None,
+            "method": spec.method, "defense": spec.defense.value, "sigma": spec.sigma,
+            "certify_sigma": certify_sigma(cfg, spec), "shards": str(cfg.shards), "split": cfg.split,
+            "split_size": shards.total, "seed": cfg.seed, "radii": list(cfg.certify.radii),
+            "indices": selected_indices(shards.total, cfg.every_nth, cfg.max_samples)}
+    out = Path(cfg.out_dir)
+    previous = out / PLAN
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        changed = [k for k in ("model", "weights_sha256", "split", "seed", "indices", "certify_sigma")
+                   if old.get(k) != plan[k]]
+        if changed:
+            raise UserError(f"{out} holds an evaluation with other settings ({', '.join(changed)} differ): "
+                            f"use another out_dir")
+    return plan
+
+
+def loader_for(cfg: EvalConfig, spec, rank: int, world_size: int, local_rank: int) -> DaliLoader:
+    data = load_config(LoaderConfig, None, [f"shards={cfg.shards}", f"split={cfg.split}"])
+    data = dataclasses.replace(data, batch_size=cfg.batch_size, image_size=spec.classifier.img_size,
+                               channels=spec.classifier.in_chans, augment=False,
+                               eval_crop_fraction=cfg.eval_crop_fraction, num_threads=cfg.num_threads)
+    return DaliLoader(data, rank, world_size, local_rank, train=False)
+
+
+def evaluate_batch(model: EvalModel, images, labels, indices: list[int], cfg: EvalConfig, sigma) -> list[dict]:
+    started = time.perf_counter()
+    device = images.device
+    records = [{"idx": i, "label": label} for i, label in zip(indices, labels.tolist())]
+    results: dict[str, dict[str, torch.Tensor]] = {}
+    if cfg.clean:
+        generators = [sample_generator(cfg.seed, i, CLEAN, device=device) for i in indices]
+        pred = model.vote(images, generators, cfg.clean_draws)
+        results["clean"] = {"pred": pred, "correct": pred == labels}
+    for number, attack in enumerate(cfg.attacks):
+        for eps_number, epsilon in enumerate(attack.epsilons):
+            results[attack.name(epsilon)] = pgd_attack(model, images, labels, indices, attack, number, eps_number,
+                                                       cfg.seed)
+    shared = (time.perf_counter() - started) / len(indices)
+    host = {name: {k: v.tolist() for k, v in result.items()} for name, result in results.items()}  # one read
+    for position, record in enumerate(records):
+        sample_started = time.perf_counter()
+        if "clean" in host:
+            record["clean"] = {"pred": host["clean"]["pred"][position], "correct": host["clean"]["correct"][position]}
+        record["attacks"] = {name: {k: v[position] for k, v in result.items()}
+                             for name, result in host.items() if name != "clean"}
+        image, idx = images[position], record["idx"]
+        if cfg.certify.enabled:
+            c = cfg.certify
+            cert = certify(model.base_classifier, image, sigma, c.n0, c.n, c.alpha, c.batch,
+                           sample_generator(cfg.seed, idx, CERTIFY_SELECT, device=device),
+                           sample_generator(cfg.seed, idx, CERTIFY_ESTIMATE, device=device), model.num_classes)
+            record["certify"] = {"predict": cert.prediction, "radius": cert.radius, "count": cert.count,
+                                 "p_lower": cert.p_lower, "correct": cert.prediction == record["label"],
+                                 "sigma": sigma, "n0": c.n0, "n": c.n, "alpha": c.alpha}
+        if cfg.predict.enabled:
+            p = cfg.predict
+            prediction = predict(model.base_classifier, image, sigma, p.n, p.alpha, p.batch,
+                                 sample_generator(cfg.seed, idx, PREDICT, device=device), model.num_classes)
+            record["predict"] = {"predict": prediction, "correct": prediction == record["label"],
+                                 "abstain": prediction == ABSTAIN, "sigma": sigma, "n": p.n, "alpha": p.alpha}
+        record["time_s"] = shared + time.perf_counter() - sample_started
+    return records
+
+
+def evaluate_chunk(cfg: EvalConfig, plan: dict, rank: int, world_size: int, local_rank: int,
+                   device: torch.device) -> int:
+    """Evaluate this rank's chunk of the plan's indices, skipping recorded ones; returns the count."""
+    module, spec = load_deployed(cfg.model, device)
+    model = EvalModel(module, spec)
+    loader = loader_for(cfg, spec, rank, world_size, local_rank)
+    out = Path(cfg.out_dir)
+    selected, done = set(plan["indices"]), recorded_indices(out)
+    writer = RecordWriter(out, rank)
+    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (index, image, label) awaiting a full batch
+    evaluated, index = 0, loader.first_index
+
+    def flush() -> None:
+        images = torch.stack([image for _, image, _ in pending]).to(device)
+        labels = torch.stack([label for _, _, label in pending]).to(device)
+        for record in evaluate_batch(model, images, labels, [i for i, _, _ in pending], cfg, plan["certify_sigma"]):
+            writer.write(record)
+        pending.clear()
+
+    try:
+        # A sparse subset (every 50th image) leaves few samples per loader batch: gather them
+        # into full batches so attacks run at the configured batch size.
+        for batch in loader:
+            for position in range(batch.labels.shape[0]):
+                if index + position in selected and index + position not in done:
+                    pending.append((index + position, batch.images[position].clone(), batch.labels[position].clone()))
+                    evaluated += 1
+                if len(pending) == cfg.batch_size:
+                    flush()
+            index += batch.labels.shape[0]
+        if pending:
+            flush()
+    finally:
+        writer.close()
+    return evaluated
+
+
+def finalize(out_dir: str | Path) -> dict:
+    """Merge the rank files (strictly), then write records.jsonl, certify.tsv and summary.json."""
+    out = Path(out_dir)
+    if not (out / PLAN).is_file():
+        raise UserError(f"{out}: no {PLAN}; not an evaluation directory")
+    plan = json.loads((out / PLAN).read_text())
+    records = merge_records(out, plan["indices"])
+    atomic_write_text(out / MERGED, "".join(json.dumps(r) + "\n" for r in records))
+    if records and "certify" in records[0]:
+        atomic_write_text(out / "certify.tsv", cohen_table(records))
+    summary = summarize(records, plan)
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def run_eval(cfg: EvalConfig, rank: int | None = None, world_size: int | None = None, merge: bool = True) -> dict:
+    """torchrun / srun / one process (rank None), or one array task (rank and world_size given)."""
+    from pipeline.dist import detect_env, init_distributed, shutdown_distributed
+
+    env = detect_env()
+    array_task = rank is not None
+    rank = env.rank if rank is None else rank
+    world_size = env.world_size if world_size is None else world_size
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", env.local_rank) if on_gpu else torch.device("cpu")
+    collective = not array_task and world_size > 1
+    plan = write_plan(cfg)
+    if collective:
+        init_distributed(env, on_gpu)
+    try:
+        out = Path(cfg.out_dir)
+        if rank == 0 or array_task:
+            out.mkdir(parents=True, exist_ok=True)
+            write_provenance(out, cfg, "eval")
+            atomic_write_json(out / PLAN, plan)
+        if collective:
+            torch.distributed.barrier()
+        evaluated = evaluate_chunk(cfg, plan, rank, world_size, env.local_rank if not array_task else 0, device)
+        if collective:
+            torch.distributed.barrier()  # every rank's records are complete
+        summary = finalize(out) if merge and rank == 0 and not array_task else None
+        return {"rank": rank, "evaluated": evaluated, "summary": summary}
+    finally:
+        if collective:
+            shutdown_distributed()

@@ -1,0 +1,263 @@
+"""The evaluation stage: PGD, CERTIFY / PREDICT against closed forms and scipy, exact
+sharding across ranks and array tasks, resume after a kill, strict merge, the report."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+from scipy.stats import binom, binomtest, norm
+
+from robustmim.config import load_config
+from robustmim.errors import UserError
+from pipeline.data.config import LoaderConfig
+from pipeline.data.dali import DaliLoader
+from pipeline.models.classifier import ViTClassifier
+from pipeline.models.deployed import DefenseKind, DeploymentSpec
+from eval.attacks import pgd_attack
+from eval.certify import ABSTAIN, certify, clopper_pearson_lower, predict
+from eval.config import PGDConfig
+from eval.model import EvalModel
+from eval.records import merge_records, rank_file
+
+from conftest import REPO_ROOT
+from test_engine import ROBUSTMIM, finish, wait_for
+from test_finetune_parts import classifier_config
+
+TRAIN_STEPS = 150
+
+
+def export_classifier(model: nn.Module, folder, name: str, defense: DefenseKind, sigma: float = 0.0):
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / f"{name}.safetensors"))
+    spec = DeploymentSpec(method="standard", weights=f"{name}.safetensors", classifier=model.cfg, defense=defense,
+                          sigma=sigma)
+    (folder / f"{name}.json").write_text(json.dumps(OmegaConf.to_container(OmegaConf.structured(spec),
+                                                                           enum_to_str=True)))
+    return folder / f"{name}.json"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, fashion_shards):
+    """A tiny ViT trained for 150 plain AdamW steps of 64 on Fashion-MNIST (in-process), exported
+    as a plain classifier and as a smoothing base classifier (sigma 0.25)."""
+    torch.manual_seed(0)
+    data = load_config(LoaderConfig, None, [f"shards={fashion_shards}", "image_size=28", "channels=1", "batch_size=64",
+                                            "num_threads=1", "shuffle_buffer=1024", "crop_scale=[1.0,1.0]"])
+    loader = DaliLoader(data, 0, 1, 0, train=True)
+    model = ViTClassifier(classifier_config(drop_path=0.0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(TRAIN_STEPS):
+        batch = next(loader)
+        loss = F.cross_entropy(model(batch.images), batch.labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    folder = tmp_path_factory.mktemp("classifiers")
+    return {"model": model, "plain": export_classifier(model, folder, "plain", DefenseKind.none),
+            "smoothed": export_classifier(model, folder, "smoothed", DefenseKind.smoothing, 0.25),
+            "shards": fashion_shards}
+
+
+def val_batch(shards, count=128):
+    data = load_config(LoaderConfig, None, [f"shards={shards}", "split=val", "image_size=28", "channels=1",
+                                            f"batch_size={count}", "num_threads=1", "augment=false",
+                                            "eval_crop_fraction=1.0"])
+    batch = next(iter(DaliLoader(data, 0, 1, 0, train=False)))
+    return batch.images, batch.labels
+
+
+def plain_spec():
+    return DeploymentSpec(method="standard", weights="-", classifier=classifier_config(), defense=DefenseKind.none)
+
+
+@pytest.mark.parametrize("norm_name, epsilon", [("linf", 8 / 255), ("l2", 1.0)])
+def test_pgd_respects_the_budget_and_breaks_a_trained_model(trained, norm_name, epsilon):
+    images, labels = val_batch(trained["shards"])
+    model = EvalModel(trained["model"], plain_spec())
+    clean = (trained["model"](images).argmax(-1) == labels).float().mean().item()
+    cfg = load_config(PGDConfig, None, [f"norm={norm_name}", f"epsilons=[{epsilon}]", "steps=20"])
+    seen = []
+    original = model.mean_log_probs
+    model.mean_log_probs = lambda x, g, d: (seen.append(x.detach().clone()), original(x, g, d))[1]
+    result = pgd_attack(model, images, labels, list(range(len(labels))), cfg, 0, 0, seed=0)
+    for adv in seen:  # every iterate stays in the ball and in [0, 1]
+        delta = (adv - images).flatten(1)
+        size = delta.abs().max(1).values if norm_name == "linf" else delta.norm(dim=1)
+        assert (size <= epsilon + 1e-5).all() and adv.min() >= 0 and adv.max() <= 1
+    robust = result["correct"].float().mean().item()
+    assert clean > 0.3 and robust < 0.5 * clean, (clean, robust)  # measured: 0.41 -> 0.17 (linf)
+
+
+class Constant(nn.Module):
+    def forward(self, images):
+        return torch.tensor([0.0, 5.0, 0.0]).expand(images.shape[0], 3) + 0 * images.flatten(1).sum(1, keepdim=True)
+
+
+def test_a_constant_classifier_is_unaffected_by_pgd():
+    images, labels = torch.rand(8, 1, 28, 28), torch.full((8,), 1)
+    spec = DeploymentSpec(method="standard", weights="-", classifier=classifier_config(num_classes=3))
+    result = pgd_attack(EvalModel(Constant(), spec), images, labels, list(range(8)),
+                        load_config(PGDConfig, None, ["steps=5"]), 0, 0, seed=0)
+    assert result["correct"].all()
+
+
+@pytest.mark.parametrize("k, n, alpha", [(9990, 10000, 0.001), (600, 1000, 0.001), (51, 100, 0.05),
+                                         (1, 10, 0.001), (100, 100, 0.001)])
+def test_clopper_pearson_lower_bound_matches_scipy(k, n, alpha):
+    ours = clopper_pearson_lower(k, n, alpha)
+    exact = binomtest(k, n).proportion_ci(confidence_level=1 - 2 * alpha, method="exact").low
+    assert ours == pytest.approx(exact, rel=1e-9, abs=1e-12)
+    assert binom.sf(k - 1, n, ours) == pytest.approx(alpha, rel=1e-6)  # P(X >= k | p_lower) = alpha
+    assert clopper_pearson_lower(0, n, alpha) == 0.0
+
+
+class Linear2(nn.Module):
+    """Two classes split by the hyperplane w.x + b = 0: the smoothed classifier's radius is the
+    distance |w.x + b| / |w| (Cohen et al., linear case), known in closed form."""
+
+    def __init__(self, w, b):
+        super().__init__()
+        self.w, self.b = w, b
+
+    def forward(self, x):
+        score = x.flatten(1) @ self.w + self.b
+        return torch.stack([-score, score], dim=1)
+
+
+def test_certify_recovers_the_linear_classifiers_radius_within_the_bounds_slack():
+    torch.manual_seed(0)
+    w = torch.randn(16)
+    sigma, n, alpha = 0.5, 10_000, 0.001
+    for distance in (0.1, 0.4, 0.8):
+        x = torch.rand(16)
+        b = distance * w.norm() - x @ w  # x at `distance` on class 1's side
+        classifier = Linear2(w, b)
+        gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+        cert = certify(classifier, x.view(1, 4, 4), sigma, 100, n, alpha, 1000, *gens, num_classes=2)
+        p_a = norm.cdf(distance / sigma)
+        slack = 4 * math.sqrt(p_a * (1 - p_a) / n) + 3.1 * math.sqrt(p_a * (1 - p_a) / n)
+        assert cert.prediction == 1
+        assert sigma * norm.ppf(max(p_a - slack, 0.5)) <= cert.radius <= distance + 1e-9, (distance, cert)
+
+
+def test_abstention_on_the_boundary_and_predict_s_binomial_test():
+    w = torch.ones(16)
+    x = torch.full((16,), 0.5)
+    on_boundary = Linear2(w, -(x @ w))  # p_A = 1/2 exactly
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    cert = certify(on_boundary, x.view(1, 4, 4), 0.25, 100, 2000, 0.001, 500, *gens, num_classes=2)
+    assert cert.prediction == ABSTAIN and cert.radius == 0.0
+    assert predict(on_boundary, x.view(1, 4, 4), 0.25, 1000, 0.001, 500, torch.Generator().manual_seed(3), 2) == ABSTAIN
+    far = Linear2(w, -(x @ w) + 2.0)
+    assert predict(far, x.view(1, 4, 4), 0.25, 1000, 0.001, 500, torch.Generator().manual_seed(3), 2) == 1
+
+
+# -- the command: sharding, resume, merge, report --------------------------------------------
+EVAL_SETTINGS = ["every_nth=250", "batch_size=16", "num_threads=1", "eval_crop_fraction=1.0", "clean_draws=4",
+                 "attacks=[{epsilons: [0.0157], steps: 3, eot: 2, score_draws: 3}]",
+                 "certify.enabled=true", "certify.n0=20", "certify.n=200", "certify.batch=100",
+                 "predict.enabled=true", "predict.n=100", "predict.batch=100"]
+
+
+def run_eval(model_json, shards, out, *extra, nproc=1, wait=True):
+    args = [ROBUSTMIM, "eval", "--model", model_json, "--data", shards, "--out", out, "--nproc-per-node", str(nproc),
+            *EVAL_SETTINGS, *extra]
+    proc = subprocess.Popen(list(map(str, args)), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    return finish(proc) if wait else proc
+
+
+def merged(out) -> list[dict]:
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("time_s")
+    return records
+
+
+@pytest.fixture(scope="module")
+def one_rank(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "one_rank"
+    run_eval(trained["smoothed"], trained["shards"], out)
+    return out
+
+
+def test_one_rank_eval_writes_records_cohen_table_and_summary(one_rank):
+    records = merged(one_rank)
+    assert [r["idx"] for r in records] == list(range(0, 10000, 250))  # every 250th of the val split
+    summary = json.loads((one_rank / "summary.json").read_text())
+    assert summary["samples"] == 40 and summary["defense"] == "smoothing"
+    assert set(summary["attacks"]) == {"pgd3_linf_ce_eps0.0157"}
+    assert summary["certify"]["sigma"] == 0.25 and "0.25" in summary["certify"]["certified_accuracy"]
+    table = (one_rank / "certify.tsv").read_text().splitlines()
+    assert table[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime" and len(table) == 41
+    for record in records:
+        assert record["attacks"]["pgd3_linf_ce_eps0.0157"]["distance"] <= 0.0157 + 1e-6
+        cert = record["certify"]
+        assert (cert["predict"] == ABSTAIN) == (cert["radius"] == 0.0 and cert["p_lower"] < 0.5)
+
+
+def test_two_ranks_equal_one_rank_record_for_record(trained, one_rank, tmp_path):
+    run_eval(trained["smoothed"], trained["shards"], tmp_path / "two", nproc=2)
+    assert merged(tmp_path / "two") == merged(one_rank)
+    assert {p.name for p in (tmp_path / "two" / "records").iterdir()} == {"rank00000.jsonl", "rank00001.jsonl"}
+
+
+def test_array_tasks_then_merge_equal_one_rank(trained, one_rank, tmp_path):
+    out = tmp_path / "array"
+    for task in range(2):
+        run_eval(trained["smoothed"], trained["shards"], out, "--rank", task, "--world-size", 2)
+    assert not (out / "records.jsonl").exists()
+    run_eval(trained["smoothed"], trained["shards"], out, "--merge-only")
+    assert merged(out) == merged(one_rank)
+
+
+def test_a_killed_eval_resumes_with_every_sample_exactly_once(trained, one_rank, tmp_path):
+    out = tmp_path / "killed"
+    proc = run_eval(trained["smoothed"], trained["shards"], out, "batch_size=4", wait=False)
+    records = rank_file(out, 0)
+    wait_for(lambda: records.exists() and len(records.read_text().splitlines()) >= 8, proc, what="8 records")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(records.read_text().splitlines())
+    assert 8 <= done < 40
+    with open(records, "a") as f:
+        f.write('{"idx": 99999, "label": 3, "cl')  # a line cut by the kill
+    run_eval(trained["smoothed"], trained["shards"], out, "batch_size=4")
+    assert merged(out) == merged(one_rank)  # the same outcome as a single uninterrupted pass
+    assert len(records.read_text().splitlines()) == 40
+
+
+def test_merge_fails_loudly_on_a_gap_or_a_duplicate(tmp_path):
+    out = tmp_path / "eval"
+    (out / "records").mkdir(parents=True)
+    rank_file(out, 0).write_text("".join(json.dumps({"idx": i}) + "\n" for i in (0, 2, 4)))
+    rank_file(out, 1).write_text(json.dumps({"idx": 6}) + "\n")
+    assert [r["idx"] for r in merge_records(out, [0, 2, 4, 6])] == [0, 2, 4, 6]
+    with pytest.raises(UserError, match=r"1 of 5 samples have no record \(first: \[8\]\)"):
+        merge_records(out, [0, 2, 4, 6, 8])
+    rank_file(out, 1).write_text(json.dumps({"idx": 6}) + "\n" + json.dumps({"idx": 2}) + "\n")
+    with pytest.raises(UserError, match="index 2 in rank00000.jsonl and rank00001.jsonl"):
+        merge_records(out, [0, 2, 4, 6])
+
+
+def test_report_puts_models_in_one_table_with_plots(trained, one_rank, tmp_path):
+    plain = tmp_path / "plain"
+    run_eval(trained["plain"], trained["shards"], plain, "certify.enabled=false", "predict.enabled=false")
+    result = subprocess.run([ROBUSTMIM, "report", str(one_rank), str(plain), "--out", str(tmp_path / "report")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| one_rank | standard | 40 |" in report and "| plain | standard | 40 |" in report
+    assert "PGD-3 L∞ ε=4/255 (ce)" in report and "cert. r=0.5 (σ=0.25)" in report
+    for plot in ("certified_accuracy.png", "accuracy_vs_epsilon_linf.png"):
+        assert (tmp_path / "report" / plot).stat().st_size > 1000
