@@ -52,6 +52,28 @@ class PGDConfig:
 
 
 @dataclass
+class AutoAttackConfig:
+    """APGD-CE then APGD-T on the survivors (AutoAttack's first two attacks; see eval/apgd.py)."""
+
+    enabled: bool = False
+    norm: Norm = Norm.linf
+    epsilon: float = 4 / 255
+    steps: int = 100  # per run (AutoAttack standard: 100)
+    targets: int = 9  # APGD-T target classes (AutoAttack standard: 9)
+    eot: int = 20  # randomized models: loss averaged over this many draws (AutoAttack 'rand': 20)
+    score_draws: int = 8
+
+    def __post_init__(self) -> None:
+        if self.epsilon <= 0 or self.steps < 1 or self.targets < 0 or self.eot < 1 or self.score_draws < 1:
+            raise ValueError("autoattack needs epsilon > 0, steps, eot, score_draws >= 1 and targets >= 0")
+
+    def name(self, part: str) -> str:
+        """e.g. aa100_linf_cascade_eps0.0157 (part: apgdce, apgdt or aa)."""
+        loss = {"apgdce": "ce", "apgdt": "dlr", "aa": "cascade"}[part]
+        return f"{part}{self.steps}_{self.norm.value}_{loss}_eps{self.epsilon:.4g}"
+
+
+@dataclass
 class CertifyConfig:
     """Cohen et al.'s CERTIFY on the [0, 1] input, noise unclipped."""
 
@@ -99,6 +121,7 @@ class EvalConfig:
     clean: bool = True
     clean_draws: int = 8  # randomized models: clean prediction = majority over this many draws
     attacks: list[PGDConfig] = field(default_factory=lambda: [PGDConfig()])
+    autoattack: AutoAttackConfig = field(default_factory=AutoAttackConfig)
     certify: CertifyConfig = field(default_factory=CertifyConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
 

@@ -4,6 +4,7 @@ accuracy against radius per model; accuracy against epsilon per norm)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from robustmim.errors import UserError
@@ -25,14 +26,16 @@ def percent(entry: dict | None) -> str:
     return "–" if not entry or entry.get("accuracy") is None else f"{100 * entry['accuracy']:.1f}"
 
 
+ATTACK_NAMES = {"pgd": "PGD", "apgdce": "APGD-CE", "apgdt": "APGD-T", "aa": "APGD-CE+T"}
+
+
 def attack_label(name: str) -> str:
-    """pgd10_linf_ce_eps0.03137 -> PGD-10 L∞ ε=8/255 (ce)."""
-    steps, norm, loss, eps = name.split("_")
+    """pgd10_linf_ce_eps0.03137 -> PGD-10 L∞ ε=8/255 (ce); aa100_... -> APGD-CE+T-100 ..."""
+    kind_steps, norm, loss, eps = name.split("_")
+    kind, steps = re.fullmatch(r"([a-z]+)(\d+)", kind_steps).groups()
     epsilon = float(eps[3:])
-    if norm == "linf":
-        value = f"{epsilon * 255:.3g}/255"
-        return f"PGD-{steps[3:]} L∞ ε={value} ({loss})"
-    return f"PGD-{steps[3:]} L2 ε={epsilon:g} ({loss})"
+    value = f"{epsilon * 255:.3g}/255" if norm == "linf" else f"{epsilon:g}"
+    return f"{ATTACK_NAMES.get(kind, kind)}-{steps} {'L∞' if norm == 'linf' else 'L2'} ε={value} ({loss})"
 
 
 def summary_row(summary: dict) -> dict[str, str]:

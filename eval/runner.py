@@ -23,6 +23,7 @@ from pipeline.data.config import LoaderConfig
 from pipeline.data.dali import DaliLoader
 from pipeline.data.shardset import open_shards
 from pipeline.models.deployed import DefenseKind, load_deployed, read_spec
+from eval.apgd import autoattack
 from eval.attacks import pgd_attack
 from eval.certify import ABSTAIN, certify, predict
 from eval.config import EvalConfig
@@ -91,6 +92,10 @@ def evaluate_batch(model: EvalModel, images, labels, indices: list[int], cfg: Ev
         for eps_number, epsilon in enumerate(attack.epsilons):
             results[attack.name(epsilon)] = pgd_attack(model, images, labels, indices, attack, number, eps_number,
                                                        cfg.seed)
+    if cfg.autoattack.enabled:
+        aa = cfg.autoattack
+        for part, result in autoattack(model, images, labels, indices, aa, cfg.seed).items():
+            results[aa.name(part.replace("-", ""))] = result
     shared = (time.perf_counter() - started) / len(indices)
     host = {name: {k: v.tolist() for k, v in result.items()} for name, result in results.items()}  # one read
     for position, record in enumerate(records):

@@ -1,5 +1,6 @@
-"""The evaluation stage: PGD, CERTIFY / PREDICT against closed forms and scipy, exact
-sharding across ranks and array tasks, resume after a kill, strict merge, the report."""
+"""The evaluation stage: PGD, APGD, CERTIFY / PREDICT against closed forms and scipy, exact
+sharding across ranks, resume after a kill, strict merge, the report. (Array tasks merged
+after a real Slurm array job: tests/test_slurm.py.)"""
 
 import json
 import math
@@ -22,9 +23,10 @@ from pipeline.data.config import LoaderConfig
 from pipeline.data.dali import DaliLoader
 from pipeline.models.classifier import ViTClassifier
 from pipeline.models.deployed import DefenseKind, DeploymentSpec
+from eval.apgd import autoattack, checkpoints
 from eval.attacks import pgd_attack
 from eval.certify import ABSTAIN, certify, clopper_pearson_lower, predict
-from eval.config import PGDConfig
+from eval.config import AutoAttackConfig, PGDConfig
 from eval.model import EvalModel
 from eval.records import merge_records, rank_file
 
@@ -98,17 +100,36 @@ def test_pgd_respects_the_budget_and_breaks_a_trained_model(trained, norm_name, 
     assert clean > 0.3 and robust < 0.5 * clean, (clean, robust)  # measured: 0.41 -> 0.17 (linf)
 
 
+def test_apgd_cascade_stays_in_the_ball_and_is_at_least_as_strong_as_pgd(trained):
+    images, labels = val_batch(trained["shards"], 64)
+    model = EvalModel(trained["model"], plain_spec())
+    aa = load_config(AutoAttackConfig, None, ["enabled=true", "epsilon=0.0157", "steps=20", "targets=3"])
+    pgd = pgd_attack(model, images, labels, list(range(64)), load_config(PGDConfig, None, ["epsilons=[0.0157]",
+                                                                                          "steps=20"]), 0, 0, seed=0)
+    results = autoattack(model, images, labels, list(range(64)), aa, seed=0)
+    clean = trained["model"](images).argmax(-1) == labels
+    for name in ("apgd-ce", "apgd-t", "aa"):
+        assert (results[name]["distance"] <= 0.0157 + 1e-6).all()
+        assert not (results[name]["correct"] & ~clean).any()  # never "robust" where clean is wrong
+    cascade = results["aa"]["correct"]
+    assert (cascade <= results["apgd-ce"]["correct"]).all() and (cascade <= results["apgd-t"]["correct"]).all()
+    assert cascade.float().mean() <= pgd["correct"].float().mean() + 0.05
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]  # AutoAttack's schedule for 100 steps
+
+
 class Constant(nn.Module):
     def forward(self, images):
         return torch.tensor([0.0, 5.0, 0.0]).expand(images.shape[0], 3) + 0 * images.flatten(1).sum(1, keepdim=True)
 
 
-def test_a_constant_classifier_is_unaffected_by_pgd():
+def test_a_constant_classifier_is_unaffected_by_pgd_and_apgd():
     images, labels = torch.rand(8, 1, 28, 28), torch.full((8,), 1)
     spec = DeploymentSpec(method="standard", weights="-", classifier=classifier_config(num_classes=3))
     result = pgd_attack(EvalModel(Constant(), spec), images, labels, list(range(8)),
                         load_config(PGDConfig, None, ["steps=5"]), 0, 0, seed=0)
     assert result["correct"].all()
+    aa = load_config(AutoAttackConfig, None, ["steps=5", "targets=0"])
+    assert autoattack(EvalModel(Constant(), spec), images, labels, list(range(8)), aa, seed=0)["aa"]["correct"].all()
 
 
 @pytest.mark.parametrize("k, n, alpha", [(9990, 10000, 0.001), (600, 1000, 0.001), (51, 100, 0.05),
@@ -210,15 +231,6 @@ def test_two_ranks_equal_one_rank_record_for_record(trained, one_rank, tmp_path)
     run_eval(trained["smoothed"], trained["shards"], tmp_path / "two", nproc=2)
     assert merged(tmp_path / "two") == merged(one_rank)
     assert {p.name for p in (tmp_path / "two" / "records").iterdir()} == {"rank00000.jsonl", "rank00001.jsonl"}
-
-
-def test_array_tasks_then_merge_equal_one_rank(trained, one_rank, tmp_path):
-    out = tmp_path / "array"
-    for task in range(2):
-        run_eval(trained["smoothed"], trained["shards"], out, "--rank", task, "--world-size", 2)
-    assert not (out / "records.jsonl").exists()
-    run_eval(trained["smoothed"], trained["shards"], out, "--merge-only")
-    assert merged(out) == merged(one_rank)
 
 
 def test_a_killed_eval_resumes_with_every_sample_exactly_once(trained, one_rank, tmp_path):

@@ -136,12 +136,12 @@ def test_local_cluster_runs_the_same_job_without_slurm(tmp_path):
 def test_time_limit_requeues_and_the_run_finishes_like_an_uninterrupted_run(slurm_cluster, tmp_path,
                                                                              fashion_val_shards):
     """A 1-minute limit with the warning 30 s before it: the warning lands 30-60 s into each attempt
-    (Slurm checks limits about every 30 s), after start-up (~10 s) and before the end of 400 steps
-    (over 80 s of work here), so at least one attempt is warned. SIGUSR2 stops the trainer with a
+    (Slurm checks limits about every 30 s), after start-up (~10 s) and before the end of 300 steps
+    (over 60 s of work here), so at least one attempt is warned. SIGUSR2 stops the trainer with a
     checkpoint, the job requeues itself and resumes; the curve must equal the uninterrupted one.
     (A warning due seconds after a start can arrive before Python installs any handler and kill
     the task: keep signal_delay_s well below the time limit.)"""
-    long_run = {"length.samples": 32 * 400, "checkpoint.every_steps": 100, "log_every": 5}
+    long_run = {"length.samples": 32 * 300, "checkpoint.every_steps": 100, "log_every": 5}
     reference = tmp_path / "reference"
     finish(launch(fashion_val_shards, reference, **long_run))
     run_dir = tmp_path / "run"
