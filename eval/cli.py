@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +27,7 @@ def eval_overrides(args: argparse.Namespace) -> list[str]:
 def run_eval_command(args: argparse.Namespace) -> int:
     from robustmim.config import load_config
     from robustmim.errors import UserError
-    from pipeline.cli import _free_port
-    from pipeline.dist import detect_env
+    from pipeline.cli import exec_torchrun
     from eval.config import EvalConfig
 
     from eval.runner import finalize, run_eval
@@ -43,11 +40,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     cfg = load_config(EvalConfig, args.config, overrides)
     if (args.rank is None) != (args.world_size is None) or (args.rank is not None and not 0 <= args.rank < args.world_size):
         raise UserError("--rank and --world-size go together, with 0 <= rank < world size")
-    if args.nproc_per_node > 1 and detect_env().launcher == "single":
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc_per_node),
-                   "--master_port", str(_free_port()), "-m", "robustmim.cli", "eval",
-                   *(["--config", args.config] if args.config else []), *overrides]
-        os.execv(sys.executable, command)
+    exec_torchrun("eval", args.nproc_per_node, args.config, overrides)
     result = run_eval(cfg, args.rank, args.world_size)
     if result["summary"]:
         print_summary(result["summary"], cfg.out_dir)

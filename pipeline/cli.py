@@ -34,6 +34,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def exec_torchrun(stage: str, nproc_per_node: int, config: str | None, overrides: list[str]) -> None:
+    """Replace this process with torchrun starting `nproc_per_node` ranks of `robustmim <stage>`
+    (it takes over this process's signals); returns only when nothing needs starting."""
+    from pipeline.dist import detect_env
+
+    if nproc_per_node <= 1 or detect_env().launcher != "single":
+        return
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc_per_node),
+               "--master_port", str(_free_port()), "-m", "robustmim.cli", stage,
+               *(["--config", config] if config else []), *overrides]
+    os.execv(sys.executable, command)
+
+
 def run_training(args: argparse.Namespace) -> int:
     from robustmim.config import load_config
     from pipeline.dist import detect_env
@@ -41,11 +54,7 @@ def run_training(args: argparse.Namespace) -> int:
     stage = args.command
     config_class, train = (resolve(ref) for ref in TRAINING_STAGES[stage])
     cfg = load_config(config_class, args.config, args.overrides)  # errors before any launch
-    if args.nproc_per_node > 1 and detect_env().launcher == "single":
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc_per_node),
-                   "--master_port", str(_free_port()), "-m", "robustmim.cli", stage,
-                   *(["--config", args.config] if args.config else []), *args.overrides]
-        os.execv(sys.executable, command)  # torchrun takes this process's place (and its signals)
+    exec_torchrun(stage, args.nproc_per_node, args.config, args.overrides)
     result = train(cfg)
     if detect_env().rank == 0:
         print(f"{stage}: step {result['step']}/{result['total_steps']}, {result['samples_seen']} samples, "
