@@ -1,4 +1,4 @@
-"""`robustmim pretrain`, `robustmim finetune` and `robustmim export`."""
+"""`robustmim pretrain`, `robustmim finetune`, `robustmim tokenizer` and `robustmim export`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 TRAINING_STAGES = {
     "pretrain": ("pipeline.engine.config:PretrainConfig", "pipeline.engine.pretrain:pretrain"),
     "finetune": ("pipeline.finetune.config:FinetuneConfig", "pipeline.finetune.task:finetune"),
+    "tokenizer": ("pipeline.tokenizer.config:TokenizerConfig", "pipeline.tokenizer.task:train_tokenizer"),
 }
 
 
@@ -47,6 +48,15 @@ def exec_torchrun(stage: str, nproc_per_node: int, config: str | None, overrides
     os.execv(sys.executable, command)
 
 
+def format_validation(record: dict) -> str:
+    """'top-1 0.4310 on 2000 images' (a classifier) or 'recon_mse 0.0071, perplexity 61.2, ...'."""
+    samples = f"on {record['val_samples']:.0f} images"
+    if "val_top1" in record:
+        return f"top-1 {record['val_top1']:.4f} {samples}"
+    values = [f"{k[4:]} {v:.4g}" for k, v in record.items() if k.startswith("val_") and k != "val_samples"]
+    return f"{', '.join(values)} {samples}"
+
+
 def run_training(args: argparse.Namespace) -> int:
     from robustmim.config import load_config
     from pipeline.dist import detect_env
@@ -60,9 +70,8 @@ def run_training(args: argparse.Namespace) -> int:
         print(f"{stage}: step {result['step']}/{result['total_steps']}, {result['samples_seen']} samples, "
               f"checkpoint {cfg.run_dir}/checkpoints/{result['checkpoint']}", flush=True)
         if result["validation"]:
-            val = result["validation"]
-            print(f"{stage}: validation top-1 {val['val_top1']:.4f} on {val['val_samples']:.0f} images "
-                  f"at step {val['step']}", flush=True)
+            print(f"{stage}: validation at step {result['validation']['step']}: "
+                  f"{format_validation(result['validation'])}", flush=True)
     return 0
 
 

@@ -19,6 +19,7 @@ from pipeline.objectives.config import ObjectiveConfig, ObjectiveName
 
 if TYPE_CHECKING:
     from pipeline.finetune.config import FinetuneConfig
+    from pipeline.models.vqgan import VQGANConfig
 
 FUSED_ATTENTION_BACKWARD = 2.5  # flash and memory-efficient kernels
 MATH_ATTENTION_BACKWARD = 2.0  # attention as two batched matmuls
@@ -90,9 +91,11 @@ def classifier_pass(cfg: EncoderConfig, num_classes: int) -> PassFlops:
 
 
 def finetune_flops_per_image(cfg: FinetuneConfig, denoiser: ModelConfig | None = None,
+                             tokenizer: VQGANConfig | None = None,
                              attention_backward: float = FUSED_ATTENTION_BACKWARD) -> float:
     """FLOPs of one fine-tuning step per image: the classifier's training pass, times the noisy
-    copies (DMAE), plus the attack's input-gradient passes (MIMIR) or the denoiser's forward (De³)."""
+    copies (DMAE), plus the attack's input-gradient passes (MIMIR), the denoiser's forward (De³),
+    or DAT's second training pass, its attack step and two VQGAN round trips."""
     from pipeline.finetune.config import RecipeName
 
     classifier = classifier_pass(cfg.model, cfg.model.num_classes)
@@ -104,4 +107,26 @@ def finetune_flops_per_image(cfg: FinetuneConfig, denoiser: ModelConfig | None =
         total += recipe.mimir.steps * classifier.input_gradient(attention_backward)
     elif recipe.name is RecipeName.de3 and denoiser is not None:
         total += autoencoder_pass(denoiser, 0.0).forward
+    elif recipe.name is RecipeName.dat and tokenizer is not None:
+        total = 2 * total + classifier.input_gradient(attention_backward)
+        total += 2 * vqgan_flops(tokenizer, cfg.model.img_size, train=False)
     return total
+
+
+def vqgan_flops(cfg: VQGANConfig, image_size: int, train: bool) -> float:
+    """FLOPs of one VQGAN round trip on one image (with train: and its backward), as
+    FlopCounterMode counts them on the meta device: convolutions dominate (a taming f8 model
+    costs ~530 GFLOPs per 224-px image forward, nine times ViT-L's pass)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.models.vqgan import VQGAN
+
+    with torch.device("meta"):
+        model = VQGAN(cfg)
+        images = torch.rand(1, cfg.in_channels, image_size, image_size)
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
+        decoded, quantized = model(images)
+        if train:
+            (decoded.abs().mean() + quantized.codebook_loss + quantized.commitment_loss).backward()
+    return float(counter.get_total_flops())

@@ -19,8 +19,11 @@ STAGES = {
                  "pretrain an autoencoder (MAE, NIM, DMAE, MIMIR) with DeepSpeed"),
     "finetune": ("pipeline.cli", "add_training_arguments", "run_training",
                  "fine-tune a pretrained encoder into each defense's classifier (standard, De3, DMAE, MIMIR)"),
+    "tokenizer": ("pipeline.cli", "add_training_arguments", "run_training",
+                  "train a VQGAN tokenizer on the shards (the discretizer of DAT fine-tuning)"),
     "export": ("pipeline.cli", "add_export_arguments", "run_export",
-               "consolidate a checkpoint into safetensors: an autoencoder, or a classifier with its deployment JSON"),
+               "consolidate a checkpoint into safetensors: an autoencoder, a tokenizer, or a classifier with its "
+               "deployment JSON"),
     "eval": ("eval.cli", "add_eval_arguments", "run_eval_command",
              "robustness of a classifier export: clean, PGD (EOT for randomized defenses), CERTIFY / PREDICT"),
     "report": ("eval.cli", "add_report_arguments", "run_report",

@@ -12,8 +12,8 @@ FLAGS = {"nodes": int, "gpus_per_node": int, "tasks_per_node": int, "cpus_per_ta
 
 
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("stage", choices=["pretrain", "finetune", "eval", "check"],
-                        help="pretrain, finetune: a training run; eval: an array job, one task per eval shard; "
+    parser.add_argument("stage", choices=["pretrain", "finetune", "tokenizer", "eval", "check"],
+                        help="pretrain, finetune, tokenizer: a training run; eval: an array job, one task per eval shard; "
                              "check: a distributed all-reduce smoke test")
     parser.add_argument("--config", help="the stage's experiment YAML")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="the stage's dotted overrides")
@@ -100,6 +100,7 @@ def run_status(args: argparse.Namespace) -> int:
 
     from robustmim.errors import UserError
     from pipeline.engine.metrics import read_metrics
+    from pipeline.cli import format_validation
     from slurm.jobs import FINISHED, job_state, read_submissions
 
     run_dir = Path(args.run_dir)
@@ -125,10 +126,9 @@ def run_status(args: argparse.Namespace) -> int:
     if training:
         last = training[-1]
         print(f"last logged step {last['step']} ({last['samples']} samples, loss {last['loss']:.4f})")
-    validation = [r for r in records if "val_top1" in r]
+    validation = [r for r in records if "val_samples" in r]
     if validation:
-        print(f"last validation: step {validation[-1]['step']}, top-1 {validation[-1]['val_top1']:.4f} "
-              f"on {validation[-1]['val_samples']:.0f} images")
+        print(f"last validation: step {validation[-1]['step']}, {format_validation(validation[-1])}")
     plan = run_dir / "plan.json"
     if plan.is_file():  # an evaluation
         from eval.records import recorded_indices

@@ -77,8 +77,9 @@ class MemoryEstimate:
 
 
 def estimate_memory(model_cfg, zero_stage: int, world_size: int) -> MemoryEstimate:
-    """Trained parameters: the autoencoder (ModelConfig) or the classifier (ClassifierConfig,
-    1000 classes where the count comes from the manifest; De³'s frozen denoiser not counted)."""
+    """Trained parameters: the autoencoder (ModelConfig), the classifier (ClassifierConfig,
+    1000 classes where the count comes from the manifest; frozen denoisers and tokenizers not
+    counted) or the tokenizer (VQGANConfig; its optional discriminator not counted)."""
     import dataclasses
 
     import torch
@@ -86,9 +87,12 @@ def estimate_memory(model_cfg, zero_stage: int, world_size: int) -> MemoryEstima
     from pipeline.models.classifier import ViTClassifier
     from pipeline.models.config import ClassifierConfig
     from pipeline.models.mae import MaskedAutoencoder
+    from pipeline.models.vqgan import VQGAN, VQGANConfig
 
     with torch.device("meta"):
-        if isinstance(model_cfg, ClassifierConfig):
+        if isinstance(model_cfg, VQGANConfig):
+            model = VQGAN(model_cfg)
+        elif isinstance(model_cfg, ClassifierConfig):
             model = ViTClassifier(dataclasses.replace(model_cfg, num_classes=model_cfg.num_classes or 1000))
         else:
             model = MaskedAutoencoder(model_cfg)

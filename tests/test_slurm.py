@@ -135,20 +135,24 @@ def test_local_cluster_runs_the_same_job_without_slurm(tmp_path):
 
 def test_time_limit_requeues_and_the_run_finishes_like_an_uninterrupted_run(slurm_cluster, tmp_path,
                                                                              fashion_val_shards):
-    """A 1-minute limit with the warning 30 s before it: the warning lands 30-60 s into each attempt
-    (Slurm checks limits about every 30 s), after start-up (~10 s) and before the end of 300 steps
-    (over 60 s of work here), so at least one attempt is warned. SIGUSR2 stops the trainer with a
-    checkpoint, the job requeues itself and resumes; the curve must equal the uninterrupted one.
-    (A warning due seconds after a start can arrive before Python installs any handler and kill
-    the task: keep signal_delay_s well below the time limit.)"""
-    long_run = {"length.samples": 32 * 300, "checkpoint.every_steps": 100, "log_every": 5}
+    """A 2-minute limit with the warning 30 s before it. slurmctld checks limits every 30 s
+    (PERIODIC_TIMEOUT) and sends the warning once now + 30 s >= end - signal_delay, so it lands
+    60-90 s into each attempt: after start-up (15-40 s on 2 busy cores) and before the end of
+    500 steps (~65 s of work alone, twice that while the uninterrupted reference runs beside
+    it on the same 2 cores), so the first attempt is warned with training under way.
+    (With a 1-minute limit the warning came at the first check after the start, often before
+    training began: submitit's handler requeued without progress until its budget ran out.)
+    SIGUSR2 stops the trainer with a checkpoint, the job requeues itself and resumes; the curve
+    must equal the uninterrupted one."""
+    long_run = {"length.samples": 32 * 500, "checkpoint.every_steps": 100, "log_every": 5}
     reference = tmp_path / "reference"
-    finish(launch(fashion_val_shards, reference, **long_run))
+    uninterrupted = launch(fashion_val_shards, reference, **long_run)
     run_dir = tmp_path / "run"
     overrides = [f"{k}={v}" for k, v in settings(fashion_val_shards, run_dir, **long_run).items()]
-    cfg = load_config(SlurmConfig, None, ["tasks_per_node=2", "cpus_per_task=1", "time=1", "signal_delay_s=30",
+    cfg = load_config(SlurmConfig, None, ["tasks_per_node=2", "cpus_per_task=1", "time=2", "signal_delay_s=30",
                                           "max_requeues=10", "cluster=slurm"])
     job_id = submit("pretrain", run_dir, None, overrides, cfg, dry_run=False)
+    finish(uninterrupted)
     assert wait_finished(job_id, timeout_s=600, poll_s=2) == "COMPLETED"
     attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
     requeues = [a for a in attempts if "event" in a]

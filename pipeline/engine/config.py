@@ -51,6 +51,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class ValidationConfig:
+    split: str = "val"  # read with the evaluation transform
+    every_steps: int = 1000  # and at the end; 0 disables validation
+    batch_size: int = 256  # per rank
+    every_nth: int = 1  # validate on samples 0, n, 2n, ... of the split (the same set for any rank count)
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.batch_size <= 0 or self.every_nth <= 0:
+            raise ValueError("validation.every_steps must be >= 0, batch_size and every_nth positive")
+
+
+@dataclass
 class EngineConfig:
     """What the training engine needs from any stage's config."""
 

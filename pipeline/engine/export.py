@@ -1,5 +1,6 @@
 """`robustmim export`: consolidate a ZeRO checkpoint into one fp32 state dict in MAE's layout
-(pretraining runs; fine-tuning runs export a classifier, see pipeline/finetune/export.py).
+(pretraining runs; fine-tuning runs export a classifier, see pipeline/finetune/export.py, and
+tokenizer runs a VQGAN, see pipeline/tokenizer/export.py).
 
 DeepSpeed's zero_to_fp32 reads the shards of any ZeRO stage without the training world size
 (or a GPU); stage 0 checkpoints hold the whole module already. The `model.` prefix of the
@@ -90,10 +91,15 @@ def export_checkpoint(path: str | Path, out: str | Path) -> dict:
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out}: expected a .safetensors file name")
     meta = json.loads((checkpoints / tag / METADATA).read_text())
-    if run_stage(checkpoints.parent) == "finetune":
+    stage = run_stage(checkpoints.parent)
+    if stage == "finetune":
         from pipeline.finetune.export import export_classifier
 
         return export_classifier(checkpoints, tag, meta, out)
+    if stage == "tokenizer":
+        from pipeline.tokenizer.export import export_tokenizer
+
+        return export_tokenizer(checkpoints, tag, meta, out)
     state = consolidated_state_dict(checkpoints, tag)
     run_config_path = checkpoints.parent / "config.yaml"
     run_config = yaml.safe_load(run_config_path.read_text()) if run_config_path.is_file() else {}

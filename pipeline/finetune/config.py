@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 from pipeline.data.accounting import RunLength
-from pipeline.engine.config import EngineConfig, OptimConfig
+from pipeline.engine.config import EngineConfig, OptimConfig, ValidationConfig
 from pipeline.models.config import ClassifierConfig
 
 
@@ -17,6 +17,7 @@ class RecipeName(enum.Enum):
     de3 = "de3"  # NIM: classify images denoised by the frozen NIM autoencoder
     dmae = "dmae"  # DMAE: Gaussian-noise training with consistency regularization, per sigma
     mimir = "mimir"  # MIMIR: PGD adversarial training
+    dat = "dat"  # DAT: clean + discrete adversarial images through a frozen VQGAN
 
 
 @dataclass
@@ -90,6 +91,24 @@ class AdversarialConfig:
 
 
 @dataclass
+class DATConfig:
+    """DAT (easyrobust's dat/main.py): one L2 step at the VQGAN reconstruction, re-quantized."""
+
+    tokenizer: str = ""  # `robustmim export` of a tokenizer run, or a taming-transformers checkpoint
+    tokenizer_preset: str = ""  # the architecture of a taming checkpoint (f16_1024, f16_16384, f8_16384)
+    epsilon: float = 0.1  # L2 radius in [0, 1] pixels, around the reconstruction
+    step_size: float = 0.1
+    random_start_prob: float = 0.8  # chance per batch of starting at a random point on the sphere
+    adversarial_weight: float = 1.0  # on the cross-entropy of the discrete adversarial images
+
+    def __post_init__(self) -> None:
+        if self.epsilon <= 0 or self.step_size <= 0 or self.adversarial_weight < 0:
+            raise ValueError("recipe.dat needs epsilon > 0, step_size > 0 and adversarial_weight >= 0")
+        if not 0 <= self.random_start_prob <= 1:
+            raise ValueError(f"recipe.dat.random_start_prob must be in [0, 1], got {self.random_start_prob}")
+
+
+@dataclass
 class RecipeConfig:
     name: RecipeName = RecipeName.standard
     label_smoothing: float = 0.1
@@ -98,24 +117,15 @@ class RecipeConfig:
     de3: De3Config = field(default_factory=De3Config)
     dmae: DMAERecipeConfig = field(default_factory=DMAERecipeConfig)
     mimir: AdversarialConfig = field(default_factory=AdversarialConfig)
+    dat: DATConfig = field(default_factory=DATConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.random_erasing <= 1:
             raise ValueError("recipe.label_smoothing must be in [0, 1) and random_erasing in [0, 1]")
         if self.name is RecipeName.de3 and not self.de3.denoiser:
             raise ValueError("recipe de3 needs recipe.de3.denoiser: the NIM pretraining export")
-
-
-@dataclass
-class ValidationConfig:
-    split: str = "val"  # evaluation transform; top-1 of the deployed model
-    every_steps: int = 1000  # and at the end; 0 disables validation
-    batch_size: int = 256  # per rank
-    every_nth: int = 1  # validate on samples 0, n, 2n, ... of the split (the same set for any rank count)
-
-    def __post_init__(self) -> None:
-        if self.every_steps < 0 or self.batch_size <= 0 or self.every_nth <= 0:
-            raise ValueError("validation.every_steps must be >= 0, batch_size and every_nth positive")
+        if self.name is RecipeName.dat and not self.dat.tokenizer:
+            raise ValueError("recipe dat needs recipe.dat.tokenizer: a tokenizer export or a taming checkpoint")
 
 
 @dataclass

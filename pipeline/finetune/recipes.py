@@ -1,7 +1,7 @@
 """The fine-tuning recipes: `recipe(module, images01, labels, generator) -> (loss, metrics)`.
 
 `module` is the FinetuneModule DeepSpeed wraps (`module.model` the classifier, `module.denoiser`
-De³'s frozen NIM autoencoder). Every draw comes from the step's generator. Order of operations
+De³'s frozen NIM autoencoder, `module.tokenizer` DAT's frozen VQGAN). Every draw comes from the step's generator. Order of operations
 follows each method's code: erasing is part of the image transform (before anything else);
 DMAE adds its noise before mixup; NIM adds its noise after mixup.
 """
@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.attacks import pgd_linf
+from pipeline.attacks import normalized_l2, pgd_linf, project_l2
 from pipeline.finetune.config import RecipeConfig, RecipeName
 from pipeline.finetune.mixing import BatchMixer, random_erase, soft_cross_entropy
 from pipeline.models.deployed import denoise
+from pipeline.models.vqgan import reconstruct
 
 
 def gaussian(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -95,8 +96,41 @@ class AdversarialTraining(Recipe):
         return loss, {"loss": loss.detach()}
 
 
+class DiscreteAdversarial(Recipe):
+    """DAT: cross-entropy on the (mixed) clean batch plus, with equal weight, on its discrete
+    adversarial version: x_q = VQ(x); one L2 ascent step from x_q (or, with probability 0.8 per
+    batch, from a random point on the epsilon-sphere around it) with the gradient taken at the
+    classifier's input, i.e. straight through the quantizer; projected to the ball around x_q and
+    [0, 1]; re-quantized. The model stays in train mode for the attack, as in DAT's code; the
+    attack takes input gradients only, so the parameter gradients come from the final loss alone."""
+
+    def perturb(self, module, quantized: torch.Tensor, targets: torch.Tensor,
+                generator: torch.Generator) -> torch.Tensor:
+        """The perturbed image before re-quantization: within epsilon (L2) of `quantized`, in [0, 1]."""
+        cfg = self.cfg.dat
+        direction = normalized_l2(gaussian(quantized, generator))
+        # One draw per batch (the attacker decides its random start per call), kept on the device.
+        start = (torch.rand((), generator=generator, device=quantized.device) < cfg.random_start_prob).to(quantized.dtype)
+        adv = (quantized + start * cfg.epsilon * direction).clamp(0, 1).requires_grad_(True)
+        grad, = torch.autograd.grad(soft_cross_entropy(module.model(adv), targets), adv)
+        return project_l2(adv.detach() + cfg.step_size * normalized_l2(grad), quantized, cfg.epsilon)
+
+    def __call__(self, module, images01, labels, generator):
+        inputs, targets = self.mixer(self.erase(module, images01, generator), labels, generator)
+        clean = soft_cross_entropy(module.model(inputs), targets)
+        with torch.no_grad():
+            quantized = reconstruct(module.tokenizer, inputs)
+        perturbed = self.perturb(module, quantized, targets, generator)
+        with torch.no_grad():
+            discrete = reconstruct(module.tokenizer, perturbed)
+        adversarial = soft_cross_entropy(module.model(discrete), targets)
+        loss = clean + self.cfg.dat.adversarial_weight * adversarial
+        return loss, {"loss": loss.detach(), "clean": clean.detach(), "adversarial": adversarial.detach()}
+
+
 RECIPES = {RecipeName.standard: Standard, RecipeName.de3: DenoisedTraining,
-           RecipeName.dmae: NoisyConsistency, RecipeName.mimir: AdversarialTraining}
+           RecipeName.dmae: NoisyConsistency, RecipeName.mimir: AdversarialTraining,
+           RecipeName.dat: DiscreteAdversarial}
 
 
 def build_recipe(cfg: RecipeConfig, num_classes: int) -> Recipe:

@@ -13,10 +13,10 @@ import torch.nn as nn
 
 from robustmim.config import config_from_dict
 from robustmim.errors import UserError
-from pipeline.data.dali import DaliLoader
 from pipeline.data.shardset import ShardSet, open_shards
 from pipeline.dist import DistEnv
 from pipeline.engine.optim import layer_decay_groups
+from pipeline.engine.validation import validation_batches
 from pipeline.finetune.config import FinetuneConfig, RecipeName
 from pipeline.finetune.recipes import build_recipe
 from pipeline.flops import finetune_flops_per_image
@@ -24,8 +24,10 @@ from pipeline.models.classifier import ViTClassifier, load_pretrained_encoder
 from pipeline.models.config import ModelConfig
 from pipeline.models.deployed import DenoiseThenClassify
 from pipeline.models.mae import MaskedAutoencoder
+from pipeline.models.vqgan import VQGAN, check_input
 from pipeline.models.weights import load_weights
 from pipeline.objectives.base import step_generator
+from pipeline.tokenizer.export import load_tokenizer
 
 VALIDATION_SEED_OFFSET = 7919  # validation noise draws apart from the training draws of a step
 
@@ -43,21 +45,25 @@ def read_autoencoder_export(path: str | Path) -> tuple[ModelConfig, bool]:
 
 
 class FinetuneModule(nn.Module):
-    """What DeepSpeed wraps: the classifier (`model.*`) and, for De³, the frozen denoiser."""
+    """What DeepSpeed wraps: the classifier (`model.*`) and the frozen networks its recipe runs
+    the images through: De³'s denoiser, DAT's VQGAN tokenizer."""
 
     def __init__(self, model: ViTClassifier, recipe, denoiser: Optional[MaskedAutoencoder] = None,
-                 denoiser_norm_pix: bool = True):
+                 denoiser_norm_pix: bool = True, tokenizer: Optional[VQGAN] = None):
         super().__init__()
         self.model, self.recipe = model, recipe
-        self.denoiser, self.denoiser_norm_pix = denoiser, denoiser_norm_pix
-        if denoiser is not None:
-            denoiser.eval()  # frozen: no dropout/drop path, no gradients
-            denoiser.requires_grad_(False)
+        self.denoiser, self.denoiser_norm_pix, self.tokenizer = denoiser, denoiser_norm_pix, tokenizer
+        for frozen in self.frozen():
+            frozen.eval()  # no dropout/drop path, no gradients
+            frozen.requires_grad_(False)
+
+    def frozen(self) -> list[nn.Module]:
+        return [m for m in (self.denoiser, self.tokenizer) if m is not None]
 
     def train(self, mode: bool = True) -> "FinetuneModule":
         super().train(mode)
-        if self.denoiser is not None:
-            self.denoiser.eval()
+        for frozen in self.frozen():
+            frozen.eval()
         return self
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
@@ -75,6 +81,10 @@ class FinetuneTask:
         self.denoiser_norm_pix = True
         if cfg.recipe.name is RecipeName.de3:
             self.denoiser_config, self.denoiser_norm_pix = read_autoencoder_export(cfg.recipe.de3.denoiser)
+        self.tokenizer: Optional[VQGAN] = None
+        if cfg.recipe.name is RecipeName.dat:  # loaded now: a bad file fails before any training work
+            self.tokenizer = load_tokenizer(cfg.recipe.dat.tokenizer, cfg.recipe.dat.tokenizer_preset)
+            check_input(self.tokenizer.cfg, cfg.data.image_size, cfg.data.channels, "recipe.dat.tokenizer")
 
     def resolve(self, shards: ShardSet) -> FinetuneConfig:
         cfg = self.cfg
@@ -95,14 +105,15 @@ class FinetuneTask:
         if self.denoiser_config is not None:
             denoiser = MaskedAutoencoder(self.denoiser_config)
             load_weights(denoiser, cfg.recipe.de3.denoiser, strict=True)
-        return FinetuneModule(model, build_recipe(cfg.recipe, cfg.model.num_classes), denoiser, self.denoiser_norm_pix)
+        return FinetuneModule(model, build_recipe(cfg.recipe, cfg.model.num_classes), denoiser, self.denoiser_norm_pix,
+                              self.tokenizer)
 
     def param_groups(self, module: FinetuneModule) -> list[dict]:
         optim = self.cfg.optim
         return layer_decay_groups(module.model, optim.weight_decay, optim.layer_decay, self.cfg.model.depth)
 
     def flops_per_image(self, cfg: FinetuneConfig) -> float:
-        return finetune_flops_per_image(cfg, self.denoiser_config)
+        return finetune_flops_per_image(cfg, self.denoiser_config, self.tokenizer.cfg if self.tokenizer else None)
 
     def deployed(self, module: FinetuneModule) -> nn.Module:
         """The model as the eval stage will load it (DMAE: its base classifier under one noise draw)."""
@@ -114,20 +125,10 @@ class FinetuneTask:
     def validate(self, module: FinetuneModule, cfg: FinetuneConfig, env: DistEnv, device: torch.device,
                  step: int) -> dict[str, float]:
         """Top-1 of the deployed model on the validation split, each rank its exact chunk."""
-        data = dataclasses.replace(cfg.data, split=cfg.validation.split, augment=False,
-                                   batch_size=cfg.validation.batch_size)
-        loader = DaliLoader(data, env.rank, env.world_size, env.local_rank, train=False)
         generator = step_generator(cfg.seed + VALIDATION_SEED_OFFSET, step, env.rank, device)
         deployed = self.deployed(module)
         counts = torch.zeros(2, device=device, dtype=torch.float64)  # [correct, seen]
-        every = cfg.validation.every_nth
-        index = loader.first_index
-        for batch in loader:
-            keep = [i for i in range(batch.labels.shape[0]) if (index + i) % every == 0]  # host ints: no sync
-            index += batch.labels.shape[0]
-            if not keep:
-                continue
-            images, labels = batch.images[keep], batch.labels[keep]
+        for images, labels in validation_batches(cfg, cfg.validation, env):
             if cfg.recipe.name is RecipeName.dmae:
                 noise = torch.randn(images.shape, generator=generator, device=device, dtype=images.dtype)
                 logits = deployed(images + cfg.recipe.dmae.sigma * noise)

@@ -1,0 +1,58 @@
+"""`robustmim tokenizer`'s configuration: the engine's, plus the VQGAN and its losses."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from pipeline.data.accounting import RunLength
+from pipeline.engine.config import EngineConfig, OptimConfig, ValidationConfig
+from pipeline.models.vqgan import VQGANConfig
+
+
+class Reconstruction(enum.Enum):
+    l1 = "l1"  # taming's pixel term
+    l2 = "l2"
+
+
+@dataclass
+class TokenizerLossConfig:
+    """reconstruction + codebook_weight * (||sg[z] - e||^2 + beta ||z - sg[e]||^2)
+    (+ adversarial_weight * hinge GAN loss against a PatchGAN discriminator from
+    `adversarial_start_step` on; off by default, as for a small tokenizer it rarely pays)."""
+
+    reconstruction: Reconstruction = Reconstruction.l1
+    codebook_weight: float = 1.0
+    beta: float = 0.25
+    adversarial_weight: float = 0.0
+    adversarial_start_step: int = 0  # optimizer steps before the GAN terms switch on
+    discriminator_layers: int = 2  # PatchGAN depth (taming: 3 for 256-px images)
+    discriminator_width: int = 64
+
+    def __post_init__(self) -> None:
+        if min(self.codebook_weight, self.beta, self.adversarial_weight, self.adversarial_start_step) < 0:
+            raise ValueError("loss.codebook_weight, beta, adversarial_weight and adversarial_start_step must be >= 0")
+        if self.discriminator_layers < 1 or self.discriminator_width < 1:
+            raise ValueError("loss.discriminator_layers and discriminator_width must be >= 1")
+
+
+@dataclass
+class TokenizerOptimConfig(OptimConfig):
+    base_lr: float = 1.15e-3  # taming's 4.5e-6 per image, in our lr = base_lr * global_batch / 256
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # taming's Adam betas
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+
+
+@dataclass
+class TokenizerConfig(EngineConfig):
+    hashed_sections: ClassVar[tuple[str, ...]] = EngineConfig.hashed_sections + ("model", "loss")
+
+    model: VQGANConfig = field(default_factory=VQGANConfig)
+    loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)  # reconstruction error, code usage
+    optim: TokenizerOptimConfig = field(default_factory=TokenizerOptimConfig)
+    length: RunLength = field(default_factory=lambda: RunLength(epochs=10))
+    global_batch: int = 256
+    micro_batch: int = 16

@@ -1,0 +1,116 @@
+"""Tokenizer training as an engine task: a VQGAN on the user's shards (labels unused), with the
+same ZeRO stages, checkpoints, exact resume, signals and Slurm launch as every stage."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from robustmim.errors import UserError
+from pipeline.data.shardset import ShardSet, open_shards
+from pipeline.dist import DistEnv
+from pipeline.engine.optim import param_groups
+from pipeline.engine.validation import validation_batches
+from pipeline.flops import vqgan_flops
+from pipeline.models.discriminator import PatchDiscriminator
+from pipeline.models.vqgan import VQGAN, check_input, codebook_perplexity
+from pipeline.tokenizer.config import Reconstruction, TokenizerConfig, TokenizerLossConfig
+
+
+class TokenizerModule(nn.Module):
+    """What DeepSpeed wraps: the VQGAN (`model.*`, what export keeps) and, with the adversarial
+    term on, the PatchGAN discriminator. Both train under one optimizer: the generator's GAN term
+    runs the discriminator with detached parameters and the discriminator's term sees detached
+    reconstructions, so each loss reaches only its own network's parameters."""
+
+    def __init__(self, model: VQGAN, loss: TokenizerLossConfig, accumulation: int):
+        super().__init__()
+        self.model, self.loss_cfg = model, loss
+        self.discriminator = None
+        if loss.adversarial_weight > 0:
+            self.discriminator = PatchDiscriminator(model.cfg.in_channels, loss.discriminator_width,
+                                                    loss.discriminator_layers)
+            # Micro-batches seen, in the module state so a resumed run switches the GAN on at the same step.
+            self.register_buffer("micro_steps", torch.zeros((), dtype=torch.long))
+            self.adversarial_start = loss.adversarial_start_step * accumulation
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+        cfg = self.loss_cfg
+        decoded, quantized = self.model(images)
+        target = images * 2 - 1  # taming's [-1, 1]
+        error = decoded - target
+        reconstruction = error.abs().mean() if cfg.reconstruction is Reconstruction.l1 else error.pow(2).mean()
+        loss = reconstruction + cfg.codebook_weight * (quantized.codebook_loss + cfg.beta * quantized.commitment_loss)
+        metrics = {"reconstruction": reconstruction.detach(), "codebook": quantized.codebook_loss.detach()}
+        if self.discriminator is not None:
+            active = (self.micro_steps >= self.adversarial_start).to(loss.dtype)  # a device flag: no host read
+            self.micro_steps += 1
+            frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+            generator_term = -functional_call(self.discriminator, frozen, (decoded,)).mean()
+            real, fake = self.discriminator(target), self.discriminator(decoded.detach())
+            discriminator_term = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())  # hinge
+            loss = loss + active * (cfg.adversarial_weight * generator_term + discriminator_term)
+            metrics.update(generator_gan=generator_term.detach(), discriminator=discriminator_term.detach())
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+
+class TokenizerTask:
+    stage = "tokenizer"
+
+    def __init__(self, cfg: TokenizerConfig):
+        self.cfg = cfg
+        self.validate_every = cfg.validation.every_steps
+        self.notes: list[str] = []
+
+    def resolve(self, shards: ShardSet) -> TokenizerConfig:
+        cfg = self.cfg
+        check_input(cfg.model, cfg.data.image_size, cfg.data.channels, f"{cfg.data.shards} (data.image_size, "
+                                                                        f"data.channels)")
+        if cfg.model.resolution != cfg.data.image_size:
+            raise UserError(f"model.resolution={cfg.model.resolution} differs from data.image_size="
+                            f"{cfg.data.image_size}: set both to the training image size")
+        if self.validate_every:  # fail now, not at the first validation
+            open_shards(cfg.data.shards, cfg.validation.split)
+        return cfg
+
+    def build(self, cfg: TokenizerConfig) -> TokenizerModule:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return TokenizerModule(VQGAN(cfg.model), cfg.loss, cfg.accumulation(world))
+
+    def param_groups(self, module: TokenizerModule) -> list[dict]:
+        groups = param_groups(module.model, self.cfg.optim.weight_decay)
+        if module.discriminator is not None:
+            groups += param_groups(module.discriminator, self.cfg.optim.weight_decay)
+        return groups
+
+    def flops_per_image(self, cfg: TokenizerConfig) -> float:
+        return vqgan_flops(cfg.model, cfg.data.image_size, train=True)
+
+    def validate(self, module: TokenizerModule, cfg: TokenizerConfig, env: DistEnv, device: torch.device,
+                 step: int) -> dict[str, float]:
+        """Mean squared reconstruction error in [0, 1] pixels and the codebook's perplexity
+        over the validation split's tokens, each rank its exact chunk."""
+        n_embed = cfg.model.n_embed
+        totals = torch.zeros(2, device=device, dtype=torch.float64)  # [squared error sum, images]
+        histogram = torch.zeros(n_embed, device=device, dtype=torch.float64)
+        for images, _ in validation_batches(cfg, cfg.validation, env):
+            decoded, quantized = module.model(images)
+            recon = (decoded.clamp(-1, 1) + 1) / 2  # as DAT's reconstruct() sees it
+            totals[0] += (recon - images).pow(2).flatten(1).mean(1).sum()
+            totals[1] += images.shape[0]
+            histogram += torch.bincount(quantized.indices.flatten(), minlength=n_embed)
+        dist.all_reduce(totals)
+        dist.all_reduce(histogram)
+        squared, seen = totals.tolist()
+        return {"val_recon_mse": squared / max(seen, 1), "val_perplexity": codebook_perplexity(histogram).item(),
+                "val_codes_used": float((histogram > 0).sum().item()), "val_samples": seen}
+
+
+def train_tokenizer(cfg: TokenizerConfig) -> dict:
+    from pipeline.engine.trainer import train
+
+    return train(cfg, TokenizerTask(cfg))
