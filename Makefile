@@ -35,12 +35,14 @@ $(FASHION_MNIST)/train-images-idx3-ubyte.gz:
 
 # Each pretraining method and the fine-tuning recipe that deploys it (recipe:pretrained method).
 METHODS := mae nim dmae mimir
-RECIPES := standard:mae de3:nim dmae:dmae mimir:mimir
+RECIPES := standard:mae de3:nim dmae:dmae mimir:mimir dat:mae
+DEFENSES := standard de3 dmae mimir dat
 RUN := $(BIN)/robustmim
 
-# shards -> tiny MAE, NIM, DMAE and MIMIR pretraining (2 ranks, ZeRO-2) -> exports -> each
-# defense's classifier (2 ranks) -> classifier exports -> robustness evaluation (2 ranks: clean,
-# PGD with EOT, CERTIFY for DMAE) -> one table and plots. Re-running resumes each stage.
+# shards -> tiny MAE, NIM, DMAE and MIMIR pretraining (2 ranks, ZeRO-2) -> exports -> a VQGAN
+# tokenizer for DAT -> each defense's classifier (2 ranks; DAT from the MAE encoder) ->
+# classifier exports -> robustness evaluation (2 ranks: clean, PGD with EOT, CERTIFY for DMAE)
+# -> one table and plots. Re-running resumes each stage.
 demo: install fashion-mnist
 	$(RUN) shards build --config configs/shards/fashion_mnist.yaml out=$(DEMO_DIR)/shards
 	set -e; for m in $(METHODS); do \
@@ -48,25 +50,28 @@ demo: install fashion-mnist
 	    run_dir=$(DEMO_DIR)/pretrain_$$m data.shards=$(DEMO_DIR)/shards; \
 	  $(RUN) export $(DEMO_DIR)/pretrain_$$m --out $(DEMO_DIR)/$${m}_tiny.safetensors; \
 	done
+	$(RUN) tokenizer --config configs/tokenizer/tiny_fmnist.yaml --nproc-per-node 2 \
+	  run_dir=$(DEMO_DIR)/tokenizer data.shards=$(DEMO_DIR)/shards
+	$(RUN) export $(DEMO_DIR)/tokenizer --out $(DEMO_DIR)/tokenizer.safetensors
 	set -e; for pair in $(RECIPES); do r=$${pair%%:*}; m=$${pair##*:}; \
 	  $(RUN) finetune --config configs/finetune/$${r}_tiny_fmnist.yaml --nproc-per-node 2 \
 	    run_dir=$(DEMO_DIR)/finetune_$$r data.shards=$(DEMO_DIR)/shards init=$(DEMO_DIR)/$${m}_tiny.safetensors \
-	    recipe.de3.denoiser=$(DEMO_DIR)/nim_tiny.safetensors; \
+	    recipe.de3.denoiser=$(DEMO_DIR)/nim_tiny.safetensors recipe.dat.tokenizer=$(DEMO_DIR)/tokenizer.safetensors; \
 	  $(RUN) export $(DEMO_DIR)/finetune_$$r --out $(DEMO_DIR)/classifiers/$${r}_tiny.safetensors; \
 	done
-	set -e; for r in standard de3 dmae mimir; do \
+	set -e; for r in $(DEFENSES); do \
 	  $(RUN) eval --config configs/eval/tiny_fmnist.yaml --nproc-per-node 2 \
 	    --model $(DEMO_DIR)/classifiers/$${r}_tiny.json --data $(DEMO_DIR)/shards --out $(DEMO_DIR)/eval/$$r \
 	    certify.enabled=$$([ $$r = dmae ] && echo true || echo false); \
 	done
-	$(RUN) report $(DEMO_DIR)/eval/standard $(DEMO_DIR)/eval/de3 $(DEMO_DIR)/eval/dmae $(DEMO_DIR)/eval/mimir \
-	  --out $(DEMO_DIR)/report
+	$(RUN) report $(addprefix $(DEMO_DIR)/eval/,$(DEFENSES)) --out $(DEMO_DIR)/report
 	@echo
 	@echo "demo outputs:"
 	@echo "  shards:       $(DEMO_DIR)/shards/ (manifest.json, skipped.jsonl)"
 	@echo "  pretraining:  $(DEMO_DIR)/pretrain_{mae,nim,dmae,mimir}/ (checkpoints/, metrics.jsonl, tensorboard/, config.yaml)"
 	@echo "  encoders:     $(DEMO_DIR)/{mae,nim,dmae,mimir}_tiny.safetensors (+ .json with the model config)"
-	@echo "  fine-tuning:  $(DEMO_DIR)/finetune_{standard,de3,dmae,mimir}/ (validation top-1 in metrics.jsonl)"
+	@echo "  tokenizer:    $(DEMO_DIR)/tokenizer/ (run) and tokenizer.safetensors (+ .json): DAT's VQGAN"
+	@echo "  fine-tuning:  $(DEMO_DIR)/finetune_{standard,de3,dmae,mimir,dat}/ (validation top-1 in metrics.jsonl)"
 	@echo "  classifiers:  $(DEMO_DIR)/classifiers/*_tiny.safetensors (+ .json: how to rebuild the deployed model)"
 	@echo "  evaluations:  $(DEMO_DIR)/eval/*/ (records.jsonl, summary.json; certify.tsv for DMAE)"
 	@echo "  report:       $(DEMO_DIR)/report/report.md (the table above) and its PNG plots"

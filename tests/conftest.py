@@ -97,3 +97,27 @@ def slurm_cluster(tmp_path_factory):
         os.environ.pop("SLURM_CONF", None)
     else:
         os.environ["SLURM_CONF"] = previous
+
+
+TOKENIZER_STEPS = 100
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory, fashion_shards) -> Path:
+    """configs/tokenizer/tiny_fmnist.yaml trained for 100 steps of 32 on one rank, validated at the
+    end on every 10th test image, and exported (DAT's VQGAN in the tests)."""
+    import subprocess
+    import sys
+
+    from pipeline.engine.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("tokenizer")
+    robustmim = str(Path(sys.executable).parent / "robustmim")
+    overrides = [f"run_dir={root / 'run'}", f"data.shards={fashion_shards}", f"length.samples={32 * TOKENIZER_STEPS}",
+                 "global_batch=32", "micro_batch=32", "data.shuffle_buffer=512", f"validation.every_steps={TOKENIZER_STEPS}",
+                 "checkpoint.every_steps=1000"]
+    done = subprocess.run([robustmim, "tokenizer", "--config", "configs/tokenizer/tiny_fmnist.yaml", *overrides],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    export_checkpoint(root / "run", root / "tokenizer.safetensors")
+    return root / "tokenizer.safetensors"

@@ -1,0 +1,60 @@
+"""DAT's step: the L2 perturbation around the VQGAN reconstruction, re-quantized into other codes."""
+
+import pytest
+import torch
+
+from robustmim.config import load_config
+from pipeline.finetune.config import FinetuneConfig
+from pipeline.finetune.mixing import smooth_one_hot
+from pipeline.finetune.recipes import DiscreteAdversarial, build_recipe
+from pipeline.finetune.task import FinetuneModule
+from pipeline.models.classifier import ViTClassifier
+from pipeline.models.vqgan import reconstruct
+from pipeline.tokenizer.export import load_tokenizer
+
+from test_tokenizer import val_images
+
+
+@pytest.fixture(scope="module")
+def dat_parts(tiny_tokenizer, fashion_shards):
+    cfg = load_config(FinetuneConfig, "configs/finetune/dat_tiny_fmnist.yaml",
+                      ["run_dir=x", "init=", f"recipe.dat.tokenizer={tiny_tokenizer}", "model.num_classes=10"])
+    torch.manual_seed(0)
+    module = FinetuneModule(ViTClassifier(cfg.model), build_recipe(cfg.recipe, 10),
+                            tokenizer=load_tokenizer(tiny_tokenizer))
+    images = val_images(fashion_shards, every_nth=100)[:64]
+    return cfg, module, images
+
+
+def perturb(module, images, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    targets = smooth_one_hot(torch.arange(images.shape[0]) % 10, 10, 0.1)
+    with torch.no_grad():
+        quantized = reconstruct(module.tokenizer, images)
+    torch.manual_seed(seed)  # drop path (train mode, as DAT attacks) draws from the global RNG
+    return quantized, module.recipe.perturb(module, quantized, targets, torch.Generator().manual_seed(seed))
+
+
+def test_the_perturbation_stays_within_epsilon_and_flips_some_codes(dat_parts):
+    cfg, module, images = dat_parts
+    assert isinstance(module.recipe, DiscreteAdversarial) and cfg.recipe.dat.epsilon == 0.1
+    quantized, perturbed = perturb(module, images, seed=0)
+    distance = (perturbed - quantized).flatten(1).norm(dim=1)
+    assert distance.max() <= 0.1 + 1e-5 and perturbed.min() >= 0 and perturbed.max() <= 1
+    assert distance.min() > 0.05  # a full step of 0.1: on or near the sphere (clipping to [0, 1] aside)
+    with torch.no_grad():
+        before, after = module.tokenizer.token_indices(quantized), module.tokenizer.token_indices(perturbed)
+    flipped = (before != after).float().mean().item()
+    assert 0 < flipped < 0.5, flipped  # some visual words change, most stay
+    assert not any(p.grad is not None for p in module.model.parameters())  # input gradients only
+    _, again = perturb(module, images, seed=0)
+    assert torch.equal(again, perturbed)  # every other draw from the step's generator
+
+
+def test_the_training_loss_is_clean_plus_discrete_adversarial_cross_entropy(dat_parts):
+    cfg, module, images = dat_parts
+    labels = torch.arange(images.shape[0]) % 10
+    loss, metrics = module.recipe(module, images, labels, torch.Generator().manual_seed(1))
+    assert loss.item() == pytest.approx((metrics["clean"] + metrics["adversarial"]).item(), rel=1e-6)
+    loss.backward()
+    assert module.model.head.weight.grad is not None
+    assert all(p.grad is None for p in module.tokenizer.parameters())  # frozen
