@@ -83,11 +83,24 @@ def test_shipped_finetune_configs_load_with_their_recipe():
     from pipeline.finetune.config import FinetuneConfig
 
     finetune = sorted((REPO_ROOT / "configs" / "finetune").glob("*.yaml"))
-    assert len(finetune) == 8
+    assert len(finetune) == 10  # five recipes, each tiny and ImageNet ViT-L
     for path in finetune:
         cfg = load_config(FinetuneConfig, path)
         assert cfg.recipe.name.value == path.name.split("_")[0]
         assert cfg.init, path  # every shipped recipe starts from a pretrained encoder
+
+
+def test_shipped_tokenizer_config_and_presets_load():
+    from pipeline.finetune.config import FinetuneConfig
+    from pipeline.models.vqgan import PRESETS
+    from pipeline.tokenizer.config import TokenizerConfig
+
+    cfg = load_config(TokenizerConfig, REPO_ROOT / "configs" / "tokenizer" / "tiny_fmnist.yaml")
+    assert cfg.model.resolution == cfg.data.image_size == 28 and cfg.model.downsampling == 4
+    dat = load_config(FinetuneConfig, REPO_ROOT / "configs" / "finetune" / "dat_vitl_in1k.yaml").recipe.dat
+    assert dat.tokenizer_preset in PRESETS and dat.epsilon == 0.1 and dat.random_start_prob == 0.8
+    with pytest.raises(ConfigError, match="recipe dat needs recipe.dat.tokenizer"):
+        load_config(FinetuneConfig, None, ["run_dir=x", "data.shards=x", "recipe.name=dat"])
 
 
 def test_resolved_config_and_git_sha_written_beside_output(tmp_path):

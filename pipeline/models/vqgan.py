@@ -138,6 +138,15 @@ def run_middle(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return mid.block_2(mid.attn_1(mid.block_1(h)))
 
 
+def run_level(stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A level's residual blocks, each followed by its attention block where the level has them."""
+    for i, block in enumerate(stage.block):
+        h = block(h)
+        if len(stage.attn):
+            h = stage.attn[i](h)
+    return h
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
@@ -163,10 +172,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for stage in self.down:
-            for i, block in enumerate(stage.block):
-                h = block(h)
-                if len(stage.attn):
-                    h = stage.attn[i](h)
+            h = run_level(stage, h)
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         return self.conv_out(F.silu(self.norm_out(run_middle(self.mid, h))))
@@ -199,10 +205,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = run_middle(self.mid, self.conv_in(z))
         for stage in reversed(self.up):
-            for i, block in enumerate(stage.block):
-                h = block(h)
-                if len(stage.attn):
-                    h = stage.attn[i](h)
+            h = run_level(stage, h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
