@@ -51,6 +51,11 @@ def test_dry_run_prints_the_script_and_submits_nothing(slurm_cluster, tmp_path, 
                  "2.2M parameters; model states ~0.02 GB per GPU"):
         assert line in out, line
     assert not (tmp_path / "run" / "jobs.jsonl").exists()
+    tokenizer = run_cli("submit", "tokenizer", "--config", "configs/tokenizer/tiny_fmnist.yaml",
+                        f"run_dir={tmp_path / 'tok'}", "--tasks-per-node", 2, "--cpus-per-task", 1, "--dry-run")
+    assert tokenizer.returncode == 0, tokenizer.stderr
+    assert "# per rank: micro batch 32 x 1 accumulation step(s); global batch 64" in tokenizer.stdout
+    assert "1.0M parameters" in tokenizer.stdout  # the VQGAN alone (967,441)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -73,7 +73,7 @@ class DenoiserSpec:
 
 @dataclass
 class DeploymentSpec:
-    method: str  # the fine-tuning recipe: standard, de3, dmae, mimir
+    method: str  # the fine-tuning recipe: standard, de3, dmae, mimir, dat
     weights: str  # classifier safetensors beside the JSON
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     defense: DefenseKind = DefenseKind.none
