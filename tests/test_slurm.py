@@ -72,10 +72,11 @@ def test_bad_inputs_are_rejected_before_anything_is_queued(slurm_cluster, tmp_pa
 
 def test_pretraining_requeued_mid_run_finishes_like_an_uninterrupted_run(slurm_cluster, tmp_path, fashion_val_shards):
     reference = tmp_path / "reference"
-    finish(launch(fashion_val_shards, reference))  # the same 2 ranks under torchrun, uninterrupted
+    uninterrupted = launch(fashion_val_shards, reference)  # the same 2 ranks under torchrun, alongside
     run_dir = tmp_path / "run"
     overrides = [f"{k}={v}" for k, v in settings(fashion_val_shards, run_dir).items()]
     job_id = submit("pretrain", run_dir, None, overrides, load_config(SlurmConfig, None, CPU_TASKS), dry_run=False)
+    finish(uninterrupted)
     deadline = time.monotonic() + 180
     while not (read_metrics(run_dir) and read_metrics(run_dir)[-1]["step"] >= 6):
         assert time.monotonic() < deadline, "the job made no progress"
