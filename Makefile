@@ -85,6 +85,7 @@ bench: install fashion-mnist
 	$(BIN)/python -m bench.step
 	$(BIN)/python -m bench.engine
 	$(BIN)/python -m bench.certify
+	$(BIN)/python -m bench.dat
 
 # Re-pin every package after a change of pyproject.toml's dependencies.
 lock: install
