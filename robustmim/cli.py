@@ -18,7 +18,7 @@ STAGES = {
     "pretrain": ("pipeline.cli", "add_training_arguments", "run_training",
                  "pretrain an autoencoder (MAE, NIM, DMAE, MIMIR) with DeepSpeed"),
     "finetune": ("pipeline.cli", "add_training_arguments", "run_training",
-                 "fine-tune a pretrained encoder into each defense's classifier (standard, De3, DMAE, MIMIR)"),
+                 "fine-tune a pretrained encoder into each defense's classifier (standard, De3, DMAE, MIMIR, DAT)"),
     "tokenizer": ("pipeline.cli", "add_training_arguments", "run_training",
                   "train a VQGAN tokenizer on the shards (the discretizer of DAT fine-tuning)"),
     "export": ("pipeline.cli", "add_export_arguments", "run_export",
