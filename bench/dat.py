@@ -16,13 +16,11 @@ if not __package__:
     sys.exit("run from the repository root as: python -m bench.dat")
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from robustmim.config import load_config
-from bench.step import matmul_peak, synchronize
+from bench.step import matmul_peak, median_seconds
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.recipes import build_recipe
 from pipeline.finetune.task import FinetuneModule
@@ -33,18 +31,6 @@ from pipeline.objectives import step_generator
 from pipeline.tokenizer.config import TokenizerConfig
 
 TINY_TOKENIZER = "configs/tokenizer/tiny_fmnist.yaml"
-
-
-def median_seconds(run, device: torch.device, warmup: int, steps: int) -> float:
-    times = []
-    for step in range(warmup + steps):
-        synchronize(device)
-        start = time.perf_counter()
-        run(step)
-        synchronize(device)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -48,20 +48,28 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int) -> float:
     return 2 * n**3 / best
 
 
-def time_steps(objective, model, optimizer, images, device, dtype, warmup: int, steps: int) -> float:
+def median_seconds(run, device: torch.device, warmup: int, steps: int) -> float:
+    """Median wall time of `run(step)` over `steps` calls after `warmup` untimed ones."""
     times = []
     for step in range(warmup + steps):
         synchronize(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = objective(model, images, step_generator(0, step, 0, device))
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
+        run(step)
         synchronize(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def time_steps(objective, model, optimizer, images, device, dtype, warmup: int, steps: int) -> float:
+    def step(index: int) -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = objective(model, images, step_generator(0, index, 0, device))
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+
+    return median_seconds(step, device, warmup, steps)
 
 
 def main() -> None:
