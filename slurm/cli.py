@@ -13,8 +13,8 @@ FLAGS = {"nodes": int, "gpus_per_node": int, "tasks_per_node": int, "cpus_per_ta
 
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("stage", choices=["pretrain", "finetune", "tokenizer", "eval", "check"],
-                        help="pretrain, finetune, tokenizer: a training run; eval: an array job, one task per eval shard; "
-                             "check: a distributed all-reduce smoke test")
+                        help="pretrain, finetune, tokenizer: a training run; eval: an array job, one task per "
+                             "eval shard; check: a distributed all-reduce smoke test")
     parser.add_argument("--config", help="the stage's experiment YAML")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="the stage's dotted overrides")
     parser.add_argument("--slurm-config", help="YAML of SlurmConfig values; flags below override it")

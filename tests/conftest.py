@@ -113,9 +113,9 @@ def tiny_tokenizer(tmp_path_factory, fashion_shards) -> Path:
 
     root = tmp_path_factory.mktemp("tokenizer")
     robustmim = str(Path(sys.executable).parent / "robustmim")
-    overrides = [f"run_dir={root / 'run'}", f"data.shards={fashion_shards}", f"length.samples={32 * TOKENIZER_STEPS}",
-                 "global_batch=32", "micro_batch=32", "data.shuffle_buffer=512", f"validation.every_steps={TOKENIZER_STEPS}",
-                 "checkpoint.every_steps=1000"]
+    overrides = [f"run_dir={root / 'run'}", f"data.shards={fashion_shards}",
+                 f"length.samples={32 * TOKENIZER_STEPS}", "global_batch=32", "micro_batch=32",
+                 "data.shuffle_buffer=512", f"validation.every_steps={TOKENIZER_STEPS}", "checkpoint.every_steps=1000"]
     done = subprocess.run([robustmim, "tokenizer", "--config", "configs/tokenizer/tiny_fmnist.yaml", *overrides],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -1,9 +1,9 @@
 """The fine-tuning recipes: `recipe(module, images01, labels, generator) -> (loss, metrics)`.
 
 `module` is the FinetuneModule DeepSpeed wraps (`module.model` the classifier, `module.denoiser`
-De³'s frozen NIM autoencoder, `module.tokenizer` DAT's frozen VQGAN). Every draw comes from the step's generator. Order of operations
-follows each method's code: erasing is part of the image transform (before anything else);
-DMAE adds its noise before mixup; NIM adds its noise after mixup.
+De³'s frozen NIM autoencoder, `module.tokenizer` DAT's frozen VQGAN). Every draw comes from the
+step's generator. Order of operations follows each method's code: erasing is part of the image
+transform (before anything else); DMAE adds its noise before mixup; NIM adds its noise after mixup.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ class DiscreteAdversarial(Recipe):
         cfg = self.cfg.dat
         direction = normalized_l2(gaussian(quantized, generator))
         # One draw per batch (the attacker decides its random start per call), kept on the device.
-        start = (torch.rand((), generator=generator, device=quantized.device) < cfg.random_start_prob).to(quantized.dtype)
+        draw = torch.rand((), generator=generator, device=quantized.device)
+        start = (draw < cfg.random_start_prob).to(quantized.dtype)
         adv = (quantized + start * cfg.epsilon * direction).clamp(0, 1).requires_grad_(True)
         grad, = torch.autograd.grad(soft_cross_entropy(module.model(adv), targets), adv)
         return project_l2(adv.detach() + cfg.step_size * normalized_l2(grad), quantized, cfg.epsilon)
