@@ -87,6 +87,9 @@ def test_each_recipe_learns_and_exports_its_deployed_model(tmp_path, fashion_sha
     validation = [r for r in read_metrics(run_dir) if "val_top1" in r]
     assert [r["step"] for r in validation] == [80] and validation[0]["val_samples"] == 2000
     assert validation[0]["val_top1"] >= 0.30, validation
+    if recipe == "dat":  # the loss's terms are logged beside it: interval means of clean and adversarial CE
+        logged = [r for r in read_metrics(run_dir) if "images_per_s" in r]
+        assert all(r["loss"] == pytest.approx(r["clean"] + r["adversarial"], rel=1e-6) for r in logged), logged
 
     info = export_checkpoint(run_dir, tmp_path / "export" / "classifier.safetensors")
     spec_file = tmp_path / "export" / "classifier.json"

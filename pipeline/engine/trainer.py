@@ -69,6 +69,27 @@ def train(cfg: EngineConfig, task: TrainingTask) -> dict:
         shutdown_distributed()
 
 
+class LossTerms:
+    """Device-side sums of the scalar terms a task's forward returns beside its loss (reconstruction,
+    penalties, GAN terms, ...), logged as interval means. The names are fixed by the first
+    micro-batch, the same on every rank (they depend on the config only), so the sums travel in
+    the interval's one all-reduce."""
+
+    RESERVED = ("step", "samples", "epoch", "loss", "lr", "images_per_s", "mfu", "data_wait")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.names: list[str] | None = None
+        self.sums = torch.zeros(0, device=device, dtype=torch.float64)
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        if self.names is None:
+            self.names = sorted(name for name in metrics if name not in self.RESERVED)
+            self.sums = torch.zeros(len(self.names), device=self.device, dtype=torch.float64)
+        if self.names:
+            self.sums += torch.stack([metrics[name].detach().to(torch.float64).reshape(()) for name in self.names])
+
+
 class Trainer:
     def __init__(self, cfg: EngineConfig, task: TrainingTask, env, on_gpu: bool):
         import deepspeed
@@ -161,6 +182,7 @@ class Trainer:
         stop = StopRequest()
         saved_at, stopped_by = self.step if self.step else None, None
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        terms = LossTerms(self.device)
         interval_steps, data_wait, interval_start = 0, 0.0, time.perf_counter()
         try:
             while self.step < self.total_steps:
@@ -169,28 +191,32 @@ class Trainer:
                     batch = next(self.loader)
                     data_wait += time.perf_counter() - waited
                     generator = step_generator(cfg.seed, self.step * self.accumulation + micro, env.rank, self.device)
-                    loss, _ = self.engine(batch.images, batch.labels, generator)
+                    loss, metrics = self.engine(batch.images, batch.labels, generator)
                     self.engine.backward(loss)
                     self.engine.step()
                     loss_sum += loss.detach()
+                    terms.add(metrics)
                 self.step += 1
                 self.samples_seen += cfg.global_batch
                 interval_steps += 1
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    # one collective and one host read per interval: [loss sum, stop flag]
-                    packed = torch.stack([loss_sum, torch.tensor(1.0 if stop.signal_name else 0.0,
-                                                                 device=self.device, dtype=torch.float64)])
+                    # one collective and one host read per interval: [loss sum, stop flag, term sums]
+                    packed = torch.cat([torch.stack([loss_sum, torch.tensor(1.0 if stop.signal_name else 0.0,
+                                                                            device=self.device, dtype=torch.float64)]),
+                                        terms.sums])
                     dist.all_reduce(packed)
-                    loss_total, stop_votes = packed.tolist()
+                    loss_total, stop_votes, *term_totals = packed.tolist()
                     elapsed = time.perf_counter() - interval_start
                     rate = interval_steps * cfg.global_batch / elapsed
+                    micro_batches = interval_steps * self.accumulation * env.world_size
                     log.log({"step": self.step, "samples": self.samples_seen,
-                             "epoch": self.samples_seen / self.split_size,
-                             "loss": loss_total / (interval_steps * self.accumulation * env.world_size),
+                             "epoch": self.samples_seen / self.split_size, "loss": loss_total / micro_batches,
+                             **{name: total / micro_batches for name, total in zip(terms.names, term_totals)},
                              "lr": self.engine.get_lr()[0] / self.first_group_scale, "images_per_s": rate,
                              "mfu": rate * self.flops_per_image / (cfg.peak_tflops * 1e12 * env.world_size),
                              "data_wait": data_wait / elapsed})
                     loss_sum.zero_()
+                    terms.sums.zero_()
                     interval_steps, data_wait, interval_start = 0, 0.0, time.perf_counter()
                     if stop_votes > 0:
                         stopped_by = stop.signal_name or "a stop signal on another rank"
