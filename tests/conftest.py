@@ -121,3 +121,24 @@ def tiny_tokenizer(tmp_path_factory, fashion_shards) -> Path:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     export_checkpoint(root / "run", root / "tokenizer.safetensors")
     return root / "tokenizer.safetensors"
+
+
+@pytest.fixture(scope="session")
+def lpips_weights(tmp_path_factory) -> list[Path]:
+    """What a user brings for the tokenizer's perceptual term, nothing downloaded: a VGG16 state
+    dict in torchvision's layout (built by torchvision itself, seeded random weights: ImageNet's
+    are not on this machine), and LPIPS' published linear heads (v0.1 vgg.pth, shipped inside
+    the `lpips` package)."""
+    import lpips
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.timm_import import timm  # noqa: F401  (makes torchvision importable with the CPU torch)
+    from torchvision.models.vgg import cfgs, make_layers
+
+    torch.manual_seed(0)
+    vgg = {f"features.{key}": value for key, value in make_layers(cfgs["D"]).state_dict().items()}
+    vgg["classifier.6.bias"] = torch.zeros(1000)  # torchvision's head, which LPIPS leaves out
+    root = tmp_path_factory.mktemp("lpips")
+    save_file(vgg, str(root / "vgg16.safetensors"))
+    return [root / "vgg16.safetensors", Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"]

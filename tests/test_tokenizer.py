@@ -64,13 +64,16 @@ def test_the_tiny_tokenizer_reconstructs_far_better_than_an_untrained_one(tiny_t
     assert not [k for k in trained.state_dict() if k.startswith("discriminator")]
 
 
-def test_sigkill_then_resume_repeats_the_uninterrupted_run(tmp_path, fashion_shards):
-    """The adversarial term switches on at step 6, after the checkpoint the resumed run starts
-    from (step 4): the switch must come at the same step again. (One rank: the engine's resume
-    on several ranks and ZeRO stages is tested in test_engine.py.)"""
+def test_sigkill_then_resume_repeats_the_uninterrupted_run(tmp_path, fashion_shards, lpips_weights):
+    """Every optional term on: LPIPS, and taming's adaptively weighted adversarial term, which
+    switches on at step 6, after the checkpoint the resumed run starts from (step 4): the switch
+    must come at the same step again. (One rank: the engine's resume on several ranks and ZeRO
+    stages is tested in test_engine.py.)"""
     settings = {"data.shards": fashion_shards, "length.samples": 16 * 10, "global_batch": 16, "micro_batch": 16,
                 "log_every": 1, "checkpoint.every_steps": 4, "validation.every_steps": 0,
-                "loss.adversarial_weight": 0.5, "loss.adversarial_start_step": 6}
+                "loss.adversarial_weight": 0.5, "loss.adversarial_start_step": 6,
+                "loss.adaptive_adversarial_weight": True, "loss.perceptual_weight": 1.0,
+                "loss.perceptual_weights": f"[{','.join(map(str, lpips_weights))}]"}
     reference = tmp_path / "reference"
     finish(run_stage("tokenizer", CONFIG, {**settings, "run_dir": reference}, nproc=1))
     run_dir = tmp_path / "run"
@@ -86,8 +89,12 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run(tmp_path, fashion_sha
         return [(r["step"], r["loss"], r["lr"]) for r in read_metrics(run)]
 
     assert curve(run_dir) == curve(reference) and len(curve(reference)) == 10
-    losses = [r["loss"] for r in read_metrics(reference)]
-    assert all(torch.isfinite(torch.tensor(losses)))
+    records = read_metrics(reference)
+    assert all(torch.isfinite(torch.tensor([r["loss"] for r in records])))
+    assert all(r["perceptual"] > 0 and r["adversarial_factor"] > 0 for r in records)
+    for r in records[:6]:  # the logged terms add up to the loss while the GAN is off
+        assert r["loss"] == pytest.approx(r["reconstruction"] + r["perceptual"] + r["codebook"]
+                                          + 0.25 * r["commitment"], rel=1e-6)
 
 
 def test_the_gan_terms_train_each_network_only_on_its_own_loss():

@@ -18,21 +18,37 @@ class Reconstruction(enum.Enum):
 
 @dataclass
 class TokenizerLossConfig:
-    """reconstruction + codebook_weight * (||sg[z] - e||^2 + beta ||z - sg[e]||^2)
-    (+ adversarial_weight * hinge GAN loss against a PatchGAN discriminator from
-    `adversarial_start_step` on; off by default, as for a small tokenizer it rarely pays)."""
+    """reconstruction + perceptual_weight * LPIPS + codebook_weight * (||sg[z] - e||^2 + beta ||z - sg[e]||^2)
+    (+ adversarial_weight [* taming's adaptive factor] * hinge GAN loss against a PatchGAN
+    discriminator from `adversarial_start_step` on). The perceptual and adversarial terms are
+    off by default: LPIPS needs pretrained VGG16 weights the user brings, and for a small
+    tokenizer the GAN term rarely pays."""
 
     reconstruction: Reconstruction = Reconstruction.l1
     codebook_weight: float = 1.0
     beta: float = 0.25
+    perceptual_weight: float = 0.0  # taming: 1.0
+    # LPIPS weight files (pipeline/models/lpips.py): a taming VQGAN checkpoint, or torchvision's
+    # VGG16 state dict plus LPIPS' vgg.pth linear heads.
+    perceptual_weights: list[str] = field(default_factory=list)
     adversarial_weight: float = 0.0
+    # taming's calculate_adaptive_weight: scale the generator's GAN term by
+    # ||grad nll|| / ||grad gan|| at the decoder's last layer (clamped to [0, 1e4]).
+    adaptive_adversarial_weight: bool = False
     adversarial_start_step: int = 0  # optimizer steps before the GAN terms switch on
     discriminator_layers: int = 2  # PatchGAN depth (taming: 3 for 256-px images)
     discriminator_width: int = 64
 
     def __post_init__(self) -> None:
-        if min(self.codebook_weight, self.beta, self.adversarial_weight, self.adversarial_start_step) < 0:
-            raise ValueError("loss.codebook_weight, beta, adversarial_weight and adversarial_start_step must be >= 0")
+        if min(self.codebook_weight, self.beta, self.perceptual_weight, self.adversarial_weight,
+               self.adversarial_start_step) < 0:
+            raise ValueError("loss.codebook_weight, beta, perceptual_weight, adversarial_weight and "
+                             "adversarial_start_step must be >= 0")
+        if self.perceptual_weight > 0 and not self.perceptual_weights:
+            raise ValueError("loss.perceptual_weight > 0 needs loss.perceptual_weights: LPIPS weight files (a taming "
+                             "VQGAN checkpoint, or torchvision's VGG16 state dict plus LPIPS' vgg.pth)")
+        if self.adaptive_adversarial_weight and self.adversarial_weight == 0:
+            raise ValueError("loss.adaptive_adversarial_weight scales the GAN term: set loss.adversarial_weight > 0")
         if self.discriminator_layers < 1 or self.discriminator_width < 1:
             raise ValueError("loss.discriminator_layers and discriminator_width must be >= 1")
 
@@ -56,3 +72,10 @@ class TokenizerConfig(EngineConfig):
     length: RunLength = field(default_factory=lambda: RunLength(epochs=10))
     global_batch: int = 256
     micro_batch: int = 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss.adaptive_adversarial_weight and self.zero_stage == 3:
+            # The factor differentiates with respect to the decoder's last weight, which ZeRO-3
+            # keeps partitioned outside that layer's own forward and backward.
+            raise ValueError("loss.adaptive_adversarial_weight needs zero_stage <= 2 (got 3)")

@@ -3,6 +3,8 @@ same ZeRO stages, checkpoints, exact resume, signals and Slurm launch as every s
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -14,21 +16,27 @@ from pipeline.data.shardset import ShardSet, open_shards
 from pipeline.dist import DistEnv
 from pipeline.engine.optim import param_groups
 from pipeline.engine.validation import validation_batches
-from pipeline.flops import vqgan_flops
+from pipeline.flops import lpips_flops, vqgan_flops
 from pipeline.models.discriminator import PatchDiscriminator
+from pipeline.models.lpips import LPIPS, load_lpips
 from pipeline.models.vqgan import VQGAN, check_input, codebook_perplexity
 from pipeline.tokenizer.config import Reconstruction, TokenizerConfig, TokenizerLossConfig
 
 
 class TokenizerModule(nn.Module):
-    """What DeepSpeed wraps: the VQGAN (`model.*`, what export keeps) and, with the adversarial
-    term on, the PatchGAN discriminator. Both train under one optimizer: the generator's GAN term
-    runs the discriminator with detached parameters and the discriminator's term sees detached
-    reconstructions, so each loss reaches only its own network's parameters."""
+    """What DeepSpeed wraps: the VQGAN (`model.*`, what export keeps), with the perceptual term
+    on the frozen LPIPS network (`perceptual.*`, kept in checkpoints as taming does) and with the
+    adversarial term on, the PatchGAN discriminator. VQGAN and discriminator train under one
+    optimizer: the generator's GAN term runs the discriminator with detached parameters and the
+    discriminator's term sees detached reconstructions, so each loss reaches only its own
+    network's parameters."""
 
-    def __init__(self, model: VQGAN, loss: TokenizerLossConfig, accumulation: int):
+    def __init__(self, model: VQGAN, loss: TokenizerLossConfig, accumulation: int,
+                 perceptual: Optional[LPIPS] = None):
         super().__init__()
-        self.model, self.loss_cfg = model, loss
+        self.model, self.loss_cfg, self.perceptual = model, loss, perceptual
+        if (perceptual is None) != (loss.perceptual_weight == 0):
+            raise ValueError("TokenizerModule: give the LPIPS network exactly when loss.perceptual_weight > 0")
         self.discriminator = None
         if loss.adversarial_weight > 0:
             self.discriminator = PatchDiscriminator(model.cfg.in_channels, loss.discriminator_width,
@@ -43,8 +51,14 @@ class TokenizerModule(nn.Module):
         target = images * 2 - 1  # taming's [-1, 1]
         error = decoded - target
         reconstruction = error.abs().mean() if cfg.reconstruction is Reconstruction.l1 else error.pow(2).mean()
-        loss = reconstruction + cfg.codebook_weight * (quantized.codebook_loss + cfg.beta * quantized.commitment_loss)
-        metrics = {"reconstruction": reconstruction.detach(), "codebook": quantized.codebook_loss.detach()}
+        metrics = {"reconstruction": reconstruction.detach(), "codebook": quantized.codebook_loss.detach(),
+                   "commitment": quantized.commitment_loss.detach()}
+        nll = reconstruction  # taming's name for the pixel (+ perceptual) term
+        if self.perceptual is not None:
+            perceptual = self.perceptual(target, decoded).mean()
+            nll = nll + cfg.perceptual_weight * perceptual
+            metrics["perceptual"] = perceptual.detach()
+        loss = nll + cfg.codebook_weight * (quantized.codebook_loss + cfg.beta * quantized.commitment_loss)
         if self.discriminator is not None:
             active = (self.micro_steps >= self.adversarial_start).to(loss.dtype)  # a device flag: no host read
             self.micro_steps += 1
@@ -52,10 +66,22 @@ class TokenizerModule(nn.Module):
             generator_term = -functional_call(self.discriminator, frozen, (decoded,)).mean()
             real, fake = self.discriminator(target), self.discriminator(decoded.detach())
             discriminator_term = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())  # hinge
-            loss = loss + active * (cfg.adversarial_weight * generator_term + discriminator_term)
+            weight = cfg.adversarial_weight
+            if cfg.adaptive_adversarial_weight:
+                weight = weight * self.adaptive_factor(nll, generator_term)
+                metrics["adversarial_factor"] = weight.detach()
+            loss = loss + active * (weight * generator_term + discriminator_term)
             metrics.update(generator_gan=generator_term.detach(), discriminator=discriminator_term.detach())
         metrics["loss"] = loss.detach()
         return loss, metrics
+
+    def adaptive_factor(self, nll: torch.Tensor, generator_term: torch.Tensor) -> torch.Tensor:
+        """taming's adaptive GAN weight: the ratio of the two terms' gradient norms at the
+        decoder's last layer, so neither dominates the decoder's update (a constant, detached)."""
+        last_layer = self.model.decoder.conv_out.weight
+        nll_grad, = torch.autograd.grad(nll, last_layer, retain_graph=True)
+        gan_grad, = torch.autograd.grad(generator_term, last_layer, retain_graph=True)
+        return (nll_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
 
 
 class TokenizerTask:
@@ -79,7 +105,8 @@ class TokenizerTask:
 
     def build(self, cfg: TokenizerConfig) -> TokenizerModule:
         world = dist.get_world_size() if dist.is_initialized() else 1
-        return TokenizerModule(VQGAN(cfg.model), cfg.loss, cfg.accumulation(world))
+        perceptual = load_lpips(cfg.loss.perceptual_weights) if cfg.loss.perceptual_weight > 0 else None
+        return TokenizerModule(VQGAN(cfg.model), cfg.loss, cfg.accumulation(world), perceptual)
 
     def param_groups(self, module: TokenizerModule) -> list[dict]:
         groups = param_groups(module.model, self.cfg.optim.weight_decay)
@@ -88,7 +115,10 @@ class TokenizerTask:
         return groups
 
     def flops_per_image(self, cfg: TokenizerConfig) -> float:
-        return vqgan_flops(cfg.model, cfg.data.image_size, train=True)
+        flops = vqgan_flops(cfg.model, cfg.data.image_size, train=True)
+        if cfg.loss.perceptual_weight > 0:
+            flops += lpips_flops(cfg.data.channels, cfg.data.image_size)
+        return flops
 
     def validate(self, module: TokenizerModule, cfg: TokenizerConfig, env: DistEnv, device: torch.device,
                  step: int) -> dict[str, float]:
