@@ -99,6 +99,8 @@ def test_bad_lpips_weights_are_named(tmp_path, lpips_weights):
         load_lpips([vgg, tmp_path / "pickle.pth"])
     with pytest.raises(ConfigError, match="loss.perceptual_weight > 0 needs loss.perceptual_weights"):
         tiny_config(**{"loss.perceptual_weight": 1.0})
+    with pytest.raises(ConfigError, match=r"needs data.image_size >= 16 \(got 12\)"):
+        tiny_config(**{"loss.perceptual_weight": 1.0, "loss.perceptual_weights": f"[{heads}]", "data.image_size": 12})
     with pytest.raises(ConfigError, match="adaptive_adversarial_weight scales the GAN term"):
         tiny_config(**{"loss.adaptive_adversarial_weight": True})
 

@@ -79,3 +79,6 @@ class TokenizerConfig(EngineConfig):
             # The factor differentiates with respect to the decoder's last weight, which ZeRO-3
             # keeps partitioned outside that layer's own forward and backward.
             raise ValueError("loss.adaptive_adversarial_weight needs zero_stage <= 2 (got 3)")
+        if self.loss.perceptual_weight > 0 and self.data.image_size < 16:
+            # VGG16 halves the image four times before LPIPS' last stage.
+            raise ValueError(f"loss.perceptual_weight > 0 needs data.image_size >= 16 (got {self.data.image_size})")
