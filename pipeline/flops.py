@@ -113,38 +113,45 @@ def finetune_flops_per_image(cfg: FinetuneConfig, denoiser: ModelConfig | None =
     return total
 
 
-def vqgan_flops(cfg: VQGANConfig, image_size: int, train: bool) -> float:
-    """FLOPs of one VQGAN round trip on one image (with train: and its backward), as
-    FlopCounterMode counts them on the meta device: convolutions dominate (a taming f8 model
-    costs ~530 GFLOPs per 224-px image forward, nine times ViT-L's pass)."""
+def counted_flops(build, run, train: bool) -> float:
+    """FLOPs of `run(*build())` as torch's FlopCounterMode counts them, with `build()` making its
+    network and inputs on the meta device: shapes only, no memory and no arithmetic."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    with torch.device("meta"):
+        built = build()
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
+        run(*built)
+    return float(counter.get_total_flops())
+
+
+def vqgan_flops(cfg: VQGANConfig, image_size: int, train: bool) -> float:
+    """FLOPs of one VQGAN round trip on one image (with train: and its backward): convolutions
+    dominate (a taming f8 model costs ~530 GFLOPs per 224-px image forward, nine times ViT-L's pass)."""
+    import torch
+
     from pipeline.models.vqgan import VQGAN
 
-    with torch.device("meta"):
-        model = VQGAN(cfg)
-        images = torch.rand(1, cfg.in_channels, image_size, image_size)
-    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
+    def round_trip(model, images):
         decoded, quantized = model(images)
         if train:
             (decoded.abs().mean() + quantized.codebook_loss + quantized.commitment_loss).backward()
-    return float(counter.get_total_flops())
+
+    return counted_flops(lambda: (VQGAN(cfg), torch.rand(1, cfg.in_channels, image_size, image_size)), round_trip,
+                         train)
 
 
 def lpips_flops(channels: int, image_size: int) -> float:
     """FLOPs of the tokenizer's perceptual term per image: LPIPS' VGG16 on the image and on its
-    reconstruction, and the backward to the reconstruction (counted with FlopCounterMode on the
-    meta device: ~93 GFLOPs for 224-px RGB images, three VGG16 passes)."""
+    reconstruction, and the backward to the reconstruction (~93 GFLOPs for 224-px RGB images,
+    three VGG16 passes)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from pipeline.models.lpips import LPIPS
 
-    with torch.device("meta"):
-        network = LPIPS()
+    def inputs():
         image = torch.rand(1, channels, image_size, image_size)
-        reconstruction = torch.rand(1, channels, image_size, image_size, requires_grad=True)
-    with FlopCounterMode(display=False) as counter:
-        network(image, reconstruction).sum().backward()
-    return float(counter.get_total_flops())
+        return LPIPS(), image, torch.rand_like(image, requires_grad=True)
+
+    return counted_flops(inputs, lambda network, image, recon: network(image, recon).sum().backward(), train=True)
