@@ -27,7 +27,7 @@ def eval_overrides(args: argparse.Namespace) -> list[str]:
 def run_eval_command(args: argparse.Namespace) -> int:
     from robustmim.config import load_config
     from robustmim.errors import UserError
-    from pipeline.cli import exec_torchrun
+    from pipeline.cli import launch_local_ranks
     from eval.config import EvalConfig
 
     from eval.runner import finalize, run_eval
@@ -40,7 +40,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
     cfg = load_config(EvalConfig, args.config, overrides)
     if (args.rank is None) != (args.world_size is None) or (args.rank is not None and not 0 <= args.rank < args.world_size):
         raise UserError("--rank and --world-size go together, with 0 <= rank < world size")
-    exec_torchrun("eval", args.nproc_per_node, args.config, overrides)
+    status = launch_local_ranks("eval", args.nproc_per_node, args.config, overrides)
+    if status is not None:
+        return status
     result = run_eval(cfg, args.rank, args.world_size)
     if result["summary"]:
         print_summary(result["summary"], cfg.out_dir)

@@ -124,6 +124,9 @@ class EvalConfig:
     autoattack: AutoAttackConfig = field(default_factory=AutoAttackConfig)
     certify: CertifyConfig = field(default_factory=CertifyConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    # A restart must use the settings its records were made with; with fresh=true, changed
+    # settings move the old records to out_dir/superseded/<time>/ and the evaluation starts over.
+    fresh: bool = False
 
     def __post_init__(self) -> None:
         if self.every_nth < 1 or self.max_samples < 0 or self.batch_size < 1 or self.clean_draws < 1:

@@ -62,11 +62,16 @@ class RecordWriter:
         self.file.close()
 
 
-def merge_records(out_dir: Path, expected: list[int]) -> list[dict]:
-    """Every expected index exactly once, sorted; an error names any gap or duplicate."""
+def merge_records(out_dir: Path, expected: list[int], settings_digest: str | None = None) -> list[dict]:
+    """Every expected index exactly once, sorted; an error names any gap or duplicate, and any
+    record made under other settings than `settings_digest` (the plan's)."""
     by_index: dict[int, tuple[Path, dict]] = {}
     duplicates = []
     for path, record in read_rank_records(out_dir):
+        if settings_digest is not None and record.get("settings") != settings_digest:
+            raise UserError(f"{path}: the record of index {record['idx']} was made with other settings "
+                            f"({record.get('settings') or 'unrecorded'}, the plan's are {settings_digest}); "
+                            f"re-run with fresh=true to start over")
         idx = record["idx"]
         if idx in by_index:
             duplicates.append(f"index {idx} in {by_index[idx][0].name} and {path.name}")

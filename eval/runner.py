@@ -9,6 +9,7 @@ before the merge), as independent Slurm array tasks (`--rank/--world-size`, merg
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from eval.attacks import pgd_attack
 from eval.certify import ABSTAIN, certify, predict
 from eval.config import EvalConfig
 from eval.model import EvalModel
-from eval.records import MERGED, RecordWriter, merge_records, recorded_indices
+from eval.records import MERGED, RECORDS_DIR, RecordWriter, merge_records, recorded_indices
 from eval.sampling import CERTIFY_ESTIMATE, CERTIFY_SELECT, CLEAN, PREDICT, sample_generator, selected_indices
 from eval.summary import cohen_table, summarize
 
@@ -49,25 +50,79 @@ def certify_sigma(cfg: EvalConfig, spec) -> float | None:
     return sigma
 
 
-def write_plan(cfg: EvalConfig) -> dict:
-    """The evaluated index list and settings, fixed before any rank starts (same on every rank)."""
+# Settings that do not change any record (per-sample seeding makes batching irrelevant) and so
+# may change between a run and its restart; every other key of EvalConfig shapes the records.
+PERFORMANCE_ONLY = ("model", "shards", "out_dir", "batch_size", "num_threads", "certify.batch", "predict.batch",
+                    "certify.radii", "fresh", "max_samples", "every_nth", "split", "seed")
+
+
+def record_settings(cfg: EvalConfig) -> dict:
+    """Every setting that shapes a record, flattened ("attacks.0.step_size": 0.01, ...). The
+    model, split, seed and sample list are compared separately (they have their own plan keys)."""
+    from omegaconf import OmegaConf
+
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            for number, inner in enumerate(value):
+                walk(f"{prefix}.{number}", inner)
+        else:
+            flat[prefix] = value
+
+    walk("", OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True))
+    if not cfg.autoattack.enabled:  # a disabled section shapes nothing
+        flat = {k: v for k, v in flat.items() if not k.startswith("autoattack.") or k == "autoattack.enabled"}
+    for section in ("certify", "predict"):
+        if not getattr(cfg, section).enabled:
+            flat = {k: v for k, v in flat.items() if not k.startswith(f"{section}.") or k == f"{section}.enabled"}
+    return {k: v for k, v in sorted(flat.items()) if k not in PERFORMANCE_ONLY}
+
+
+def settings_digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def write_plan(cfg: EvalConfig, check_previous: bool = True) -> dict:
+    """The evaluated index list and settings, fixed before any rank starts (same on every rank).
+    With `check_previous`, a plan already in out_dir must match: its records were made under it.
+    A mismatch is refused naming the settings, or, with `fresh=true`, the old evaluation is
+    moved to out_dir/superseded/<time>/ and this one starts from nothing."""
     spec = read_spec(cfg.model)
     shards = open_shards(cfg.shards, cfg.split)
     weights = Path(cfg.model).with_suffix(".safetensors")
+    settings = record_settings(cfg)
     plan = {"model": str(cfg.model), "weights_sha256": sha256_of_file(weights) if weights.is_file() else None,
             "method": spec.method, "defense": spec.defense.value, "sigma": spec.sigma,
             "certify_sigma": certify_sigma(cfg, spec), "shards": str(cfg.shards), "split": cfg.split,
             "split_size": shards.total, "seed": cfg.seed, "radii": list(cfg.certify.radii),
-            "indices": selected_indices(shards.total, cfg.every_nth, cfg.max_samples)}
+            "indices": selected_indices(shards.total, cfg.every_nth, cfg.max_samples),
+            "record_settings": settings, "settings_digest": settings_digest(settings)}
     out = Path(cfg.out_dir)
     previous = out / PLAN
-    if previous.is_file():
+    if check_previous and previous.is_file():
         old = json.loads(previous.read_text())
-        changed = [k for k in ("model", "weights_sha256", "split", "seed", "indices", "certify_sigma")
+        changed = [f"{k}: differs" for k in ("model", "weights_sha256", "split", "seed", "indices", "certify_sigma")
                    if old.get(k) != plan[k]]
-        if changed:
-            raise UserError(f"{out} holds an evaluation with other settings ({', '.join(changed)} differ): "
-                            f"use another out_dir")
+        changed += _differences(old.get("record_settings", {}), settings)
+        if changed and cfg.fresh:
+            aside = out / "superseded" / time.strftime("%Y%m%dT%H%M%S")
+            aside.mkdir(parents=True)
+            for name in (PLAN, RECORDS_DIR, MERGED, "summary.json", "certify.tsv"):
+                if (out / name).exists():
+                    (out / name).rename(aside / name)
+            print(f"eval: settings changed ({'; '.join(changed)}); the previous evaluation moved to {aside}")
+        elif changed:
+            raise UserError(f"{out} holds records made with other settings ({'; '.join(changed)}): use another "
+                            f"out_dir, or fresh=true to move the old evaluation aside and start over")
     return plan
 
 
@@ -79,10 +134,11 @@ def loader_for(cfg: EvalConfig, spec, rank: int, world_size: int, local_rank: in
     return DaliLoader(data, rank, world_size, local_rank, train=False)
 
 
-def evaluate_batch(model: EvalModel, images, labels, indices: list[int], cfg: EvalConfig, sigma) -> list[dict]:
+def evaluate_batch(model: EvalModel, images, labels, indices: list[int], cfg: EvalConfig, sigma,
+                   digest: str = "") -> list[dict]:
     started = time.perf_counter()
     device = images.device
-    records = [{"idx": i, "label": label} for i, label in zip(indices, labels.tolist())]
+    records = [{"idx": i, "label": label, "settings": digest} for i, label in zip(indices, labels.tolist())]
     results: dict[str, dict[str, torch.Tensor]] = {}
     if cfg.clean:
         generators = [sample_generator(cfg.seed, i, CLEAN, device=device) for i in indices]
@@ -138,7 +194,8 @@ def evaluate_chunk(cfg: EvalConfig, plan: dict, rank: int, world_size: int, loca
     def flush() -> None:
         images = torch.stack([image for _, image, _ in pending]).to(device)
         labels = torch.stack([label for _, _, label in pending]).to(device)
-        for record in evaluate_batch(model, images, labels, [i for i, _, _ in pending], cfg, plan["certify_sigma"]):
+        for record in evaluate_batch(model, images, labels, [i for i, _, _ in pending], cfg, plan["certify_sigma"],
+                                     plan["settings_digest"]):
             writer.write(record)
         pending.clear()
 
@@ -166,7 +223,7 @@ def finalize(out_dir: str | Path) -> dict:
     if not (out / PLAN).is_file():
         raise UserError(f"{out}: no {PLAN}; not an evaluation directory")
     plan = json.loads((out / PLAN).read_text())
-    records = merge_records(out, plan["indices"])
+    records = merge_records(out, plan["indices"], plan.get("settings_digest"))
     atomic_write_text(out / MERGED, "".join(json.dumps(r) + "\n" for r in records))
     if records and "certify" in records[0]:
         atomic_write_text(out / "certify.tsv", cohen_table(records))
@@ -186,7 +243,7 @@ def run_eval(cfg: EvalConfig, rank: int | None = None, world_size: int | None = 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", env.local_rank) if on_gpu else torch.device("cpu")
     collective = not array_task and world_size > 1
-    plan = write_plan(cfg)
+    plan = write_plan(cfg, check_previous=rank == 0 or array_task)  # rank 0 decides for a torchrun group
     if collective:
         init_distributed(env, on_gpu)
     try:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
+import signal
 import sys
+import time
 
 # stage -> (config class, training function), as "module:name" so --help imports nothing heavy
 TRAINING_STAGES = {
@@ -29,23 +30,49 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start this many local ranks with torchrun (not needed under torchrun or srun)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Exit status of a training run stopped by a signal (preemption, time-limit warning, Ctrl-C
+# through SIGTERM) after writing its checkpoint: EX_TEMPFAIL, "try again later". Re-running the
+# same command resumes. Scripts and Slurm epilogs tell it from 0 (finished) and 1/2 (failed).
+EXIT_STOPPED = 75
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# Set for the ranks `launch_local_ranks` starts: they exit 0 when stopped and this process, which
+# reads run_state.json, returns EXIT_STOPPED (torchrun would report their 75 as a crash).
+SUPERVISED_ENV = "ROBUSTMIM_SUPERVISED_BY"
 
 
-def exec_torchrun(stage: str, nproc_per_node: int, config: str | None, overrides: list[str]) -> None:
-    """Replace this process with torchrun starting `nproc_per_node` ranks of `robustmim <stage>`
-    (it takes over this process's signals); returns only when nothing needs starting."""
-    from pipeline.dist import detect_env
+def launch_local_ranks(stage: str, nproc_per_node: int, config: str | None, overrides: list[str]) -> int | None:
+    """Run `nproc_per_node` ranks of `robustmim <stage>` under torchrun as a child and return its
+    exit status; None when nothing needs starting (one rank, or already under a launcher).
+
+    Stop signals sent to this process go straight to the ranks (torchrun would give them 30 s
+    before killing them, less than a large checkpoint may need), so `kill <pid>` stops a local
+    run as Slurm's SIGTERM does."""
+    import subprocess
+
+    import psutil
+
+    from pipeline.dist import detect_env, free_port
 
     if nproc_per_node <= 1 or detect_env().launcher != "single":
-        return
+        return None
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc_per_node),
-               "--master_port", str(_free_port()), "-m", "robustmim.cli", stage,
+               "--master_port", str(free_port()), "-m", "robustmim.cli", stage,
                *(["--config", config] if config else []), *overrides]
-    os.execv(sys.executable, command)
+    child = subprocess.Popen(command, env={**os.environ, SUPERVISED_ENV: str(os.getpid())})
+
+    def forward(signum, frame) -> None:
+        for worker in psutil.Process(child.pid).children(recursive=True):
+            try:
+                worker.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def format_validation(record: dict) -> str:
@@ -59,12 +86,28 @@ def format_validation(record: dict) -> str:
 
 def run_training(args: argparse.Namespace) -> int:
     from robustmim.config import load_config
+    from robustmim.errors import UserError
     from pipeline.dist import detect_env
+    from pipeline.engine.run_state import read_run_state
 
     stage = args.command
     config_class, train = (resolve(ref) for ref in TRAINING_STAGES[stage])
     cfg = load_config(config_class, args.config, args.overrides)  # errors before any launch
-    exec_torchrun(stage, args.nproc_per_node, args.config, args.overrides)
+    if args.nproc_per_node > 1:
+        try:
+            cfg.accumulation(args.nproc_per_node)
+        except ValueError as e:
+            raise UserError(f"--nproc-per-node {args.nproc_per_node}: {e}") from None
+    launched = time.time()
+    status = launch_local_ranks(stage, args.nproc_per_node, args.config, args.overrides)
+    if status is not None:  # the ranks ran in torchrun's children and said what they had to
+        state = read_run_state(cfg.run_dir)
+        stopped = state.get("state") == "stopped" and state.get("time", 0) >= launched
+        if stopped and status in (0, EXIT_STOPPED):
+            print(f"{stage}: stopped by {state['stopped_by']} at step {state['step']}/{state['total_steps']} "
+                  f"(exit status {EXIT_STOPPED}); re-run the same command to resume", file=sys.stderr, flush=True)
+            return EXIT_STOPPED
+        return status
     result = train(cfg)
     if detect_env().rank == 0:
         print(f"{stage}: step {result['step']}/{result['total_steps']}, {result['samples_seen']} samples, "
@@ -72,7 +115,10 @@ def run_training(args: argparse.Namespace) -> int:
         if result["validation"]:
             print(f"{stage}: validation at step {result['validation']['step']}: "
                   f"{format_validation(result['validation'])}", flush=True)
-    return 0
+        if result["stopped_by"] and SUPERVISED_ENV not in os.environ:
+            print(f"{stage}: stopped before the end (exit status {EXIT_STOPPED}); re-run the same command to "
+                  f"resume", flush=True)
+    return EXIT_STOPPED if result["stopped_by"] and SUPERVISED_ENV not in os.environ else 0
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:

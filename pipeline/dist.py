@@ -59,7 +59,9 @@ def detect_env(environ: dict | None = None) -> DistEnv:
         return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
                        env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
                        int(env.get("MASTER_PORT") or slurm_port(job_id)), "slurm")
-    return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
+    # One process alone: any free port, so that two single-process runs on one machine do not
+    # both try torch's default 29500.
+    return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()), "single")
 
 
 def init_distributed(env: DistEnv, use_gpu: bool, timeout_minutes: float = 30.0) -> None:
@@ -76,6 +78,24 @@ def init_distributed(env: DistEnv, use_gpu: bool, timeout_minutes: float = 30.0)
     except (RuntimeError, ValueError) as e:
         raise UserError(f"cannot start the process group ({env.launcher}, rank {env.rank}/{env.world_size}, "
                         f"master {env.master_addr}:{env.master_port}): {e}") from None
+
+
+def broadcast_object(value):
+    """Rank 0's `value` on every rank (itself when not distributed). Errors found by rank 0 travel
+    this way too, so every rank raises the same one instead of waiting in the next collective."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shutdown_distributed() -> None:

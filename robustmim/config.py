@@ -104,7 +104,15 @@ def config_from_dict(schema: type[T], data: dict, source: str) -> T:
 
 def _finish(cfg: DictConfig, overrides: Sequence[str]):
     for item in overrides:  # one at a time, so an error names the override that caused it
-        cfg = _merge(cfg, _read_overrides([item]), f"override '{item}'")
+        layer = _read_overrides([item])
+        key = item.partition("=")[0]
+        section = OmegaConf.select(cfg, key, default=None) if key else None
+        value = OmegaConf.select(layer, key, default=None)
+        if isinstance(section, DictConfig) and not isinstance(value, DictConfig):
+            keys = ", ".join(f"{key}.{k}" for k in list(section.keys())[:4])
+            raise ConfigError(f"override '{item}': '{key}' is a section of settings, not a value; set its keys "
+                              f"instead ({keys}, ...)")
+        cfg = _merge(cfg, layer, f"override '{item}'")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"missing required value(s): {', '.join(missing)} (set them in the file or as key=value)")

@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -87,8 +88,15 @@ def build_shards(cfg: ShardsConfig) -> Manifest:
         if kept:
             print(f"resuming: {len(kept)} completed shard(s) kept, {len(todo)} to write", file=sys.stderr)
         tasks = [(_task(out_dir, source, p),) for p in todo]
-        for r in run_parallel(write_shard, tasks, workers, "writing shards", [len(p.samples) for p in todo], "img"):
-            records[r.name] = r
+        try:
+            for r in run_parallel(write_shard, tasks, workers, "writing shards", [len(p.samples) for p in todo],
+                                  "img"):
+                records[r.name] = r
+        except OSError as e:  # a full disk or quota: every completed shard is recorded and kept
+            free = shutil.disk_usage(out_dir).free
+            raise UserError(f"writing shards into {out_dir} failed: {e.strerror or e} ({e.filename or 'a shard'}; "
+                            f"{free / 1e6:.0f} MB free there). Completed shards are kept: free some space and run "
+                            f"the same command again to resume") from None
 
     manifest = _assemble_manifest(cfg, source, plans, records, listing_skips, provenance["git_sha"])
     _write_skipped(out_dir, cfg.splits, plans, records, listing_skips)
@@ -106,7 +114,7 @@ def _assemble_manifest(cfg, source: Source, plans, records: dict[str, ShardRecor
     splits = {}
     for split in cfg.splits:
         split_records = [records[p.name] for p in plans if p.split == split]
-        shards = [ShardEntry(r.tar_name, r.index_name, r.samples, r.bytes, r.sha256)
+        shards = [ShardEntry(r.tar_name, r.index_name, r.samples, r.bytes, r.sha256, r.index_sha256)
                   for r in split_records if r.samples]
         splits[split] = SplitEntry(
             total=sum(r.samples for r in split_records),

@@ -28,6 +28,7 @@ class ShardEntry:
     samples: int
     bytes: int
     sha256: str
+    index_sha256: str = ""  # checked at every loader start (manifests before it lack it)
 
 
 @dataclass

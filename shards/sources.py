@@ -133,15 +133,18 @@ SYNSET_WORDS = ("LOC_synset_mapping.txt", "synset_words.txt")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
 
-def _scan_dir(path: Path) -> tuple[list[os.DirEntry], list[os.DirEntry]]:
-    """(files, directories) directly in `path`, each sorted by name."""
+def _scan_dir(path: Path) -> tuple[list[os.DirEntry], list[os.DirEntry], list["Skipped"]]:
+    """(files, directories, skipped others) directly in `path`, each sorted by name. A broken
+    symbolic link or anything else that is neither (a socket, a FIFO) is skipped, not lost."""
     try:
         entries = sorted(os.scandir(path), key=lambda e: e.name)
     except OSError as e:
         raise UserError(f"cannot list {path}: {e.strerror}") from None
     files = [e for e in entries if e.is_file()]
     dirs = [e for e in entries if e.is_dir()]
-    return files, dirs
+    others = [Skipped(e.path, f"broken symbolic link (to {os.readlink(e.path)})" if e.is_symlink()
+                      else "not a regular file or folder") for e in entries if not e.is_file() and not e.is_dir()]
+    return files, dirs, others
 
 
 class ImageTree:
@@ -156,7 +159,7 @@ class ImageTree:
         if not self.root.is_dir():
             raise UserError(f"dataset root not found: {self.root}")
         class_root = self.root / "train" if (self.root / "train").is_dir() else self.root / "val"
-        _, class_dirs = _scan_dir(class_root) if class_root.is_dir() else ([], [])
+        _, class_dirs, _ = _scan_dir(class_root) if class_root.is_dir() else ([], [], [])
         if not class_dirs:
             raise UserError(f"no class folders in {class_root} (expected {self.root}/train/<class>/*)")
         names = self._class_names()
@@ -176,10 +179,10 @@ class ImageTree:
         split_dir = self.root / split
         if not split_dir.is_dir():
             raise UserError(f"split folder not found: {split_dir}")
-        files, dirs = _scan_dir(split_dir)
-        if dirs:
-            return self._list_class_folders(split_dir, dirs, files)
-        return self._list_flat_val(split_dir, files)
+        files, dirs, others = _scan_dir(split_dir)
+        samples, skipped = (self._list_class_folders(split_dir, dirs, files) if dirs
+                            else self._list_flat_val(split_dir, files))
+        return samples, others + skipped
 
     def _sample(self, entry: os.DirEntry, key: str, label: int) -> SourceSample:
         rel = os.path.relpath(entry.path, self.root)
@@ -191,8 +194,8 @@ class ImageTree:
         for d in dirs:
             if d.name not in self.class_index:
                 raise UserError(f"{d.path}: class folder '{d.name}' is not a class of {self.root}/train")
-            files, subdirs = _scan_dir(Path(d.path))
-            skipped += [Skipped(s.path, "directory inside a class folder") for s in subdirs]
+            files, subdirs, others = _scan_dir(Path(d.path))
+            skipped += others + [Skipped(s.path, "directory inside a class folder") for s in subdirs]
             if not files:
                 raise UserError(f"empty class folder: {d.path}")
             label = self.class_index[d.name]

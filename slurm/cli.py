@@ -95,32 +95,45 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir")
 
 
+def failed_task_logs(logs: Path, job_id: str, lines: int = 5) -> list[tuple[Path, list[str]]]:
+    """The stderr tail of every task of a job whose log shows an error (a traceback or an error
+    line): the cause may be in any task's, not task 0's. Task 0's when none does."""
+    found = []
+    for path in sorted(logs.glob(f"{job_id}_*_log.err")):
+        text = path.read_text(errors="replace").strip()
+        found.append((path, text.splitlines()[-lines:], "Traceback" in text or "error" in text.lower()))
+    failing = [(path, tail) for path, tail, failed in found if failed]
+    if failing:
+        return failing
+    return [(path, tail or ["(empty)"]) for path, tail, _ in found[:1]] or [(logs, ["(no log yet)"])]
+
+
 def run_status(args: argparse.Namespace) -> int:
     import json
 
     from robustmim.errors import UserError
     from pipeline.engine.metrics import read_metrics
     from pipeline.cli import format_validation
+    from slurm.job import ATTEMPTS_FILE
     from slurm.jobs import FINISHED, job_state, read_submissions
 
     run_dir = Path(args.run_dir)
     submissions = read_submissions(run_dir)
     if not submissions:
         raise UserError(f"no jobs submitted for {run_dir} (no {run_dir / 'jobs.jsonl'})")
-    attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()] \
-        if (run_dir / "attempts.jsonl").is_file() else []
+    attempts = [json.loads(line) for line in (run_dir / ATTEMPTS_FILE).read_text().splitlines()] \
+        if (run_dir / ATTEMPTS_FILE).is_file() else []
     problems = 0
     for job in submissions:
         state = job_state(job["job_id"]) if job["cluster"] == "slurm" else "local"
-        starts = sum(1 for a in attempts if a["job_id"] == job["job_id"])
+        starts = sum(1 for a in attempts if a["job_id"] == job["job_id"] and "event" not in a)
         print(f"job {job['job_id']} ({job['stage']}, {job['tasks']} task(s), submitted {job['time']}): {state}, "
               f"started {starts} time(s)")
         if state in FINISHED - {"COMPLETED"}:
             problems += 1
-            errors = sorted(Path(job["logs"]).glob("*_0_log.err"))
-            tail = errors[0].read_text().strip().splitlines()[-5:] if errors else ["(no log yet)"]
-            print(f"  error log: {errors[0] if errors else job['logs']}")
-            print("".join(f"    {line}\n" for line in tail), end="")
+            for log, tail in failed_task_logs(Path(job["logs"]), job["job_id"]):
+                print(f"  error log: {log}")
+                print("".join(f"    {line}\n" for line in tail), end="")
     records = read_metrics(run_dir)
     training = [r for r in records if "loss" in r]
     if training:

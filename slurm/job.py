@@ -47,6 +47,17 @@ def allreduce_check() -> dict:
         shutdown_distributed()
 
 
+ATTEMPTS_FILE = "attempts.jsonl"
+
+
+def append_attempt(run_dir: str | Path, record: dict) -> None:
+    """One line per start of a job or array task ({"job_id", ...}); lines with an "event" key
+    record what happened in an attempt (a requeue) and are not starts."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(run_dir) / ATTEMPTS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 class StageJob(submitit.helpers.Checkpointable):
     def __init__(self, stage: str, run_dir: str, config_path: Optional[str], overrides: list[str],
                  max_requeues: int = 20):
@@ -71,9 +82,7 @@ class StageJob(submitit.helpers.Checkpointable):
                 "restarts": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
 
     def _log(self, record: dict) -> None:
-        Path(self.run_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(self.run_dir) / "attempts.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_attempt(self.run_dir, record)
 
     def __call__(self):
         attempt = self._export_dist_env()
@@ -124,5 +133,10 @@ class EvalTask:
             import torch
 
             torch.set_num_threads(threads)
-        result = run_eval(load_config(EvalConfig, self.config_path, self.overrides), rank, self.world_size)
+        cfg = load_config(EvalConfig, self.config_path, self.overrides)
+        if "SLURM_JOB_ID" in os.environ:  # `robustmim status` counts each array task's starts
+            job = submitit.JobEnvironment()
+            append_attempt(cfg.out_dir, {"job_id": str(job.job_id), "rank": rank,
+                                         "restarts": int(os.environ.get("SLURM_RESTART_COUNT", 0))})
+        result = run_eval(cfg, rank, self.world_size)
         return {"rank": rank, "evaluated": result["evaluated"]}

@@ -11,7 +11,7 @@ from shards.build import build_shards
 from shards.config import FASHION_MNIST_DIR, ShardsConfig
 from shards.synthetic import make_image_tree
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from helpers import REPO_ROOT  # noqa: F401 (tests import it from here)
 
 
 def shards_config(**values) -> ShardsConfig:
@@ -142,3 +142,15 @@ def lpips_weights(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("lpips")
     save_file(vgg, str(root / "vgg16.safetensors"))
     return [root / "vgg16.safetensors", Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"]
+
+
+@pytest.fixture(scope="session")
+def references(tmp_path_factory, fashion_val_shards):
+    """Uninterrupted 12-step pretraining runs, one per ZeRO stage: the curves resumed runs must equal."""
+    from helpers import finish, launch
+
+    root = tmp_path_factory.mktemp("reference")
+    runs = {stage: root / f"zero{stage}" for stage in (1, 2, 3)}
+    for stage, run_dir in runs.items():
+        finish(launch(fashion_val_shards, run_dir, zero_stage=stage))
+    return runs

@@ -6,74 +6,19 @@ import random
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from robustmim.config import load_config
 from pipeline.engine.checkpoint import LATEST, METADATA
-from pipeline.engine.config import PretrainConfig
 from pipeline.engine.export import export_checkpoint
 from pipeline.engine.metrics import read_metrics
 
 from conftest import REPO_ROOT
 
-ROBUSTMIM = str(Path(sys.executable).parent / "robustmim")
-STEPS = 12
-
-
-def settings(shards, run_dir, **extra) -> dict:
-    base = {"run_dir": run_dir, "data.shards": shards, "data.split": "val", "data.image_size": 28,
-            "data.channels": 1, "data.num_threads": 1, "data.shuffle_buffer": 256,
-            "model.encoder": "vit_tiny_patch4", "model.decoder": "tiny", "model.img_size": 28,
-            "model.in_chans": 1, "model.pixel_mean": "[0.286]", "model.pixel_std": "[0.353]",
-            "objective.name": "dmae", "optim.warmup_epochs": 0.01, "optim.base_lr": 1e-3,
-            "length.samples": 32 * STEPS, "global_batch": 32, "micro_batch": 16, "log_every": 1,
-            "checkpoint.every_steps": 4, "checkpoint.keep_last": 2, "zero_stage": 2}
-    return {**base, **extra}
-
-
-def launch(shards, run_dir, nproc=2, **extra) -> subprocess.Popen:
-    overrides = [f"{k}={v}" for k, v in settings(shards, run_dir, **extra).items()]
-    return subprocess.Popen([ROBUSTMIM, "pretrain", "--nproc-per-node", str(nproc), *overrides], cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def finish(proc, timeout=300) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
-def wait_for(predicate, proc, timeout=180.0, what="the condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"the run ended before {what}: {proc.communicate()[0][-2000:]}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-
-
-def last_step(run_dir) -> int:
-    rows = read_metrics(run_dir)
-    return rows[-1]["step"] if rows else 0
-
-
-def curve(run_dir) -> list[tuple]:
-    return [(r["step"], r["samples"], r["loss"], r["lr"]) for r in read_metrics(run_dir)]
-
-
-@pytest.fixture(scope="module")
-def references(tmp_path_factory, fashion_val_shards):
-    """Uninterrupted 12-step runs, one per ZeRO stage (started together, finished in turn)."""
-    root = tmp_path_factory.mktemp("reference")
-    runs = {stage: root / f"zero{stage}" for stage in (1, 2, 3)}
-    for stage, run_dir in runs.items():
-        finish(launch(fashion_val_shards, run_dir, zero_stage=stage))
-    return runs
+from helpers import ROBUSTMIM, STEPS, curve, finish, last_step, launch, settings, wait_for
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -107,26 +52,42 @@ def test_sigkill_at_a_random_step_then_resume_continues_identically(tmp_path, fa
 
 
 def _workers(proc) -> list[psutil.Process]:
-    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "robustmim.cli" in " ".join(p.cmdline())]
+    """The ranks (not torchrun, whose command line names robustmim.cli too)."""
+    commands = [(p, " ".join(p.cmdline())) for p in psutil.Process(proc.pid).children(recursive=True)]
+    return [p for p, command in commands if "robustmim.cli" in command and "torch.distributed.run" not in command]
 
 
-@pytest.mark.parametrize("sig, to_all", [(signal.SIGTERM, True), (signal.SIGUSR1, False)])
-def test_stop_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, fashion_val_shards, sig, to_all):
-    """SIGTERM to every task (Slurm's preemption), or SIGUSR1 to one rank only: all ranks stop together."""
+@pytest.mark.parametrize("sig, target", [(signal.SIGTERM, "every rank"), (signal.SIGUSR1, "one rank"),
+                                         (signal.SIGTERM, "the launcher")])
+def test_stop_signal_writes_a_checkpoint_and_exits_with_the_stopped_status(tmp_path, fashion_val_shards, sig, target):
+    """SIGTERM to every task (Slurm's preemption), SIGUSR1 to one rank only, or SIGTERM to the
+    `robustmim --nproc-per-node` process (a user's `kill`): all ranks stop together, save, and
+    the command exits 75 (stopped, resumable), not 0 (finished). While it runs, a second run on
+    the same directory is refused, naming the holder."""
     run_dir = tmp_path / "run"
     proc = launch(fashion_val_shards, run_dir, **{"length.samples": 32 * 400, "checkpoint.every_steps": 1000})
     wait_for(lambda: last_step(run_dir) >= 3, proc, what="step 3")
     workers = sorted(_workers(proc), key=lambda p: p.pid)
     assert len(workers) == 2
-    for worker in workers if to_all else workers[1:]:
-        worker.send_signal(sig)
-    out = finish(proc, timeout=120)
+    if target == "every rank":
+        second = subprocess.run([ROBUSTMIM, "pretrain", *[f"{k}={v}" for k, v in settings(
+            fashion_val_shards, run_dir, **{"length.samples": 32 * 400}).items()]], cwd=REPO_ROOT,
+            capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"{run_dir} is in use by robustmim pretrain (pid " in second.stderr
+        assert any(f"(pid {worker.pid} on " in second.stderr for worker in workers)  # rank 0 holds it
+    receivers = {"every rank": workers, "one rank": workers[1:], "the launcher": [psutil.Process(proc.pid)]}[target]
+    for receiver in receivers:
+        receiver.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-3000:]
     stopped = last_step(run_dir)
     assert 3 <= stopped < 400
     assert (run_dir / "checkpoints" / LATEST).read_text() == f"step_{stopped:08d}"
     assert json.loads((run_dir / "checkpoints" / f"step_{stopped:08d}" / METADATA).read_text())["step"] == stopped
     assert f"at step {stopped}; checkpoint saved" in out
-    assert (f"stopped by {sig.name}" if to_all else "stopped by") in out
+    assert (f"stopped by {sig.name}" if target != "one rank" else "stopped by") in out
+    assert "exit status 75" in out and "Traceback" not in out
 
 
 def test_a_crash_during_save_leaves_latest_valid(tmp_path, fashion_val_shards, references):
@@ -169,9 +130,7 @@ def test_export_of_zero3_equals_zero1_and_needs_no_world_size(tmp_path, referenc
 LIVE_WEIGHTS_SCRIPT = """
 import sys, deepspeed
 from safetensors.torch import save_file
-from robustmim.config import load_config
 from pipeline.dist import detect_env, init_distributed, shutdown_distributed
-from pipeline.engine.config import PretrainConfig
 from pipeline.engine.pretrain import PretrainTask
 from pipeline.engine.trainer import Trainer
 
@@ -219,6 +178,7 @@ def test_bad_values_are_rejected_before_training(tmp_path, fashion_val_shards, o
 def test_global_batch_must_split_over_ranks_and_micro_batches(tmp_path, fashion_val_shards):
     proc = launch(fashion_val_shards, tmp_path / "run", global_batch=48, micro_batch=16)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert "global_batch 48 is not divisible by 2 ranks x micro_batch 16 = 32" in out
+    assert proc.returncode == 2
+    assert "--nproc-per-node 2: global_batch 48 is not divisible by 2 ranks x micro_batch 16 = 32" in out
+    assert "torch.distributed" not in out  # refused before torchrun started any rank
     assert not (tmp_path / "run" / "checkpoints").exists()

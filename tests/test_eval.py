@@ -30,7 +30,7 @@ from eval.model import EvalModel
 from eval.records import merge_records, rank_file
 
 from conftest import REPO_ROOT
-from test_engine import ROBUSTMIM, finish, wait_for
+from helpers import ROBUSTMIM, finish, wait_for
 from test_finetune_parts import classifier_config
 
 TRAIN_STEPS = 150

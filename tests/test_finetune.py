@@ -19,7 +19,7 @@ from pipeline.finetune.config import FinetuneConfig
 from pipeline.models.deployed import DefenseKind, DenoiseThenClassify, load_deployed
 
 from conftest import REPO_ROOT
-from test_engine import ROBUSTMIM, finish, last_step, wait_for
+from helpers import ROBUSTMIM, finish, last_step, wait_for
 
 TINY = {"data.num_threads": 1, "data.shuffle_buffer": 512, "log_every": 10, "checkpoint.every_steps": 1000}
 

@@ -203,6 +203,50 @@ def test_hash_check_at_start_up_when_asked(damaged_copy):
         DaliLoader(loader_config(damaged_copy, verify_hashes=True))
 
 
+def test_an_edited_index_is_refused_at_start_up(damaged_copy):
+    """DALI trusts its index: swapping two samples' label offsets would swap their labels silently."""
+    entry = load_manifest(damaged_copy).splits["val"].shards[1]
+    index = damaged_copy / entry.index
+    lines = index.read_text().splitlines()
+    first, second = lines[1].split(), lines[2].split()
+    first[1], second[1] = second[1], first[1]  # the .cls offsets of two samples, same length
+    lines[1], lines[2] = " ".join(first), " ".join(second)
+    index.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=rf"DALI index .*{entry.index} differs from the one built"):
+        DaliLoader(loader_config(damaged_copy))
+
+
+def test_an_index_with_another_sample_count_is_refused(damaged_copy):
+    entry = load_manifest(damaged_copy).splits["val"].shards[2]
+    raw = json.loads((damaged_copy / "manifest.json").read_text())
+    for shard in raw["splits"]["val"]["shards"]:
+        shard["index_sha256"] = ""  # a manifest written before index digests were recorded
+    (damaged_copy / "manifest.json").write_text(json.dumps(raw))
+    index = damaged_copy / entry.index
+    lines = index.read_text().splitlines()
+    index.write_text("\n".join([f"v1.2 {len(lines) - 2}", *lines[1:-1]]) + "\n")  # one sample dropped
+    with pytest.raises(UserError, match=rf"{entry.index} lists {entry.samples - 1} samples, the manifest "
+                                        rf"{entry.samples}"):
+        DaliLoader(loader_config(damaged_copy))
+
+
+def test_same_size_damage_met_while_loading_names_the_shard_and_sample(damaged_copy):
+    import tarfile
+
+    entry = load_manifest(damaged_copy).splits["val"].shards[0]
+    path = damaged_copy / entry.name
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar if m.name.endswith(".png"))
+    data = bytearray(path.read_bytes())
+    data[member.offset_data:member.offset_data + 16] = bytes(16)  # the PNG signature and header: not an image
+    path.write_bytes(bytes(data))
+    loader = DaliLoader(loader_config(damaged_copy, batch_size=500))  # sizes match: start-up cannot tell
+    with pytest.raises(UserError, match=rf"{entry.name} \(sha256 differs.*fail to decode: "
+                                        rf"{member.name.rsplit('.', 1)[0]}.*verify_hashes=true"):
+        for _ in range(25):
+            next(loader)
+
+
 @pytest.mark.parametrize("override, message", [
     ("channels=2", "channels must be 1 or 3"), ("crop_scale=[0.5,0.2]", "crop_scale"),
     ("batch_size=0", "batch_size must be positive"), ("device=tpu", "device"),

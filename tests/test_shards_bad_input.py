@@ -34,17 +34,19 @@ def test_undecodable_files_are_skipped_listed_and_counted(tree, tmp_path):
     (cls_dir / "notes.txt").write_text("not an image")
     (cls_dir / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (cls_dir / "nested").mkdir()
+    (cls_dir / "moved.JPEG").symlink_to(tmp_path / "gone.JPEG")  # a broken link: listed, not lost
     (tree.root / "train" / "README").write_text("stray file outside the class folders")
 
     _, m = _build_tree(tree, tmp_path)
     skipped = {r["path"].split("/")[-1]: r for r in read_skipped(tmp_path / "out")}
-    assert set(skipped) == {"truncated.JPEG", "junk.JPEG", "notes.txt", ".DS_Store", "nested", "README"}
+    assert set(skipped) == {"truncated.JPEG", "junk.JPEG", "notes.txt", ".DS_Store", "nested", "README", "moved.JPEG"}
     assert "truncated" in skipped["truncated.JPEG"]["reason"]
     assert skipped["notes.txt"]["reason"] == "not an image (no known image format)"
     assert skipped["nested"]["reason"] == "directory inside a class folder"
+    assert skipped["moved.JPEG"]["reason"] == f"broken symbolic link (to {tmp_path / 'gone.JPEG'})"
     assert all(r["split"] == "train" for r in skipped.values())
-    assert m.splits["train"].skipped == 6 and m.splits["train"].total == 6 and m.splits["val"].skipped == 0
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped_total"] == 6
+    assert m.splits["train"].skipped == 7 and m.splits["train"].total == 6 and m.splits["val"].skipped == 0
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped_total"] == 7
 
 
 def test_non_rgb_and_other_formats_are_converted_to_png(tree, tmp_path):

@@ -16,7 +16,7 @@ from slurm.jobs import read_submissions, wait_finished
 from slurm.launch import submit, submit_array
 
 from conftest import REPO_ROOT
-from test_engine import curve, finish, launch, settings
+from helpers import curve, finish, launch, settings
 
 ROBUSTMIM = str(Path(sys.executable).parent / "robustmim")
 CPU_TASKS = ["tasks_per_node=2", "cpus_per_task=1", "time=10", "cluster=slurm"]

@@ -21,7 +21,7 @@ from pipeline.tokenizer.export import load_tokenizer
 from pipeline.tokenizer.task import TokenizerModule, TokenizerTask
 
 from conftest import TOKENIZER_STEPS
-from test_engine import finish, wait_for
+from helpers import finish, wait_for
 from test_finetune import run_stage
 
 CONFIG = "configs/tokenizer/tiny_fmnist.yaml"

@@ -142,7 +142,16 @@ class DaliLoader:
         return self
 
     def __next__(self) -> Batch:
-        out = next(self._iterator)[0]
+        try:
+            out = next(self._iterator)[0]
+        except RuntimeError as e:  # DALI's reader or decoder failed on a shard
+            from pipeline.data.shardset import describe_damage
+
+            damage = describe_damage(self.shards)
+            where = f"damaged: {damage}" if damage else "every shard still matches its manifest sha256"
+            raise UserError(f"the loader failed reading {self.cfg.shards} (split {self.cfg.split}, rank {self.rank}): "
+                            f"{where}. DALI said: {str(e).strip().splitlines()[0][:300]}. Rebuild the damaged shard; "
+                            f"data.verify_hashes=true finds such damage before training starts") from None
         batch = Batch(out["images"], out["labels"].long())
         if self._with_source:
             batch.sources = [bytes(row[row != 0].tolist()).decode() for row in out["sources"].cpu()]

@@ -9,6 +9,12 @@ atomically, then prunes all but the last `keep_last` tags. A crash at any point 
 Per-rank state that DeepSpeed's client state would keep only from rank 0 (the loader's DALI
 position, torch RNG states) is gathered and saved in the client state as per-rank lists.
 
+Before anything is loaded, the chosen tag's files are checked against the sizes and sha256
+digests its metadata recorded, and every pickle is parsed with torch's restricted unpickler
+(pipeline/engine/checkpoint_files.py): a damaged checkpoint is moved to checkpoints/damaged/ and
+the previous complete one is used; one holding code is refused. A missing `latest` falls back
+to the newest complete tag.
+
 Elastic resume: when the saved world size differs, rank 0 converts the tag to DeepSpeed's
 universal format once (`ds_to_universal --inject_missing_state`, kept as <tag>_universal) and
 the engine loads it with `load_universal`. Model and optimizer state carry over (to float
@@ -19,7 +25,6 @@ resume on differs from an uninterrupted run's.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -31,10 +36,13 @@ import torch.distributed as dist
 
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_json, atomic_write_text
+from pipeline.dist import broadcast_object
+from pipeline.engine.checkpoint_files import (METADATA, file_records, owned_files, read_metadata, scan_pickles,
+                                              select_checkpoint)
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
-METADATA = "robustmim.json"
+DAMAGED_DIR = "damaged"
 UNIVERSAL_SUFFIX = "_universal"
 
 
@@ -48,7 +56,6 @@ class ResumePoint:
     step: int
     samples_seen: int
     world_size: int
-    config_hash: str
     elastic: bool  # saved on another number of ranks: load the universal conversion
 
     @property
@@ -56,12 +63,8 @@ class ResumePoint:
         return self.tag + UNIVERSAL_SUFFIX if self.elastic else self.tag
 
 
-def _broadcast(value):
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 class Checkpointer:
@@ -75,25 +78,37 @@ class Checkpointer:
         return path.read_text().strip() if path.is_file() else None
 
     def resume_point(self) -> Optional[ResumePoint]:
-        """What `latest` names, read by rank 0 and broadcast (all ranks agree); None if nothing."""
+        """The checkpoint to continue from, chosen and checked by rank 0 and broadcast (all ranks
+        agree); None if there is none."""
         point = None
         if self.rank == 0:
-            tag = self.latest_tag()
-            if tag is not None:
-                meta_path = self.dir / tag / METADATA
-                try:
-                    meta = json.loads(meta_path.read_text())
-                except (OSError, ValueError) as e:
-                    point = UserError(f"{self.dir / LATEST} names {tag}, but {meta_path} is unreadable: {e}")
-                else:
-                    point = ResumePoint(tag, meta["step"], meta["samples_seen"], meta["world_size"],
-                                        meta["config_hash"], meta["world_size"] != self.world_size)
-        point = _broadcast(point)
+            try:
+                point = self._choose()
+            except UserError as e:
+                point = e
+        point = broadcast_object(point)
         if isinstance(point, UserError):
             raise point
         if point is not None and point.elastic:
             self._ensure_universal(point)
         return point
+
+    def _choose(self) -> Optional[ResumePoint]:
+        chosen = select_checkpoint(self.dir, self.latest_tag(), warn)
+        if chosen is None:
+            return None
+        tag, meta, damaged = chosen
+        for bad in damaged:  # kept for inspection, out of the way of the saves that follow
+            aside = self.dir / DAMAGED_DIR / bad
+            aside.parent.mkdir(exist_ok=True)
+            shutil.rmtree(aside, ignore_errors=True)
+            (self.dir / bad).rename(aside)
+            shutil.rmtree(self.dir / (bad + UNIVERSAL_SUFFIX), ignore_errors=True)
+            warn(f"moved the damaged {bad} to {aside}")
+        if self.latest_tag() != tag:
+            atomic_write_text(self.dir / LATEST, tag)
+        return ResumePoint(tag, meta["step"], meta["samples_seen"], meta["world_size"],
+                           meta["world_size"] != self.world_size)
 
     def _ensure_universal(self, point: ResumePoint) -> None:
         target = self.dir / point.load_tag
@@ -104,17 +119,24 @@ class Checkpointer:
                 [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                  str(self.dir / point.tag), "--output_folder", str(partial), "--inject_missing_state"],
                 capture_output=True, text=True)
+            if result.returncode == 0:
+                try:
+                    scan_pickles(partial)
+                except Exception as e:  # noqa: BLE001 - named in the error below
+                    result = subprocess.CompletedProcess(result.args, 1, stderr=f"{e}")
             if result.returncode != 0:
                 error = UserError(f"converting {self.dir / point.tag} to a universal checkpoint for "
                                   f"{self.world_size} ranks failed:\n{result.stderr[-2000:]}")
             else:
-                shutil.copy(self.dir / point.tag / METADATA, partial / METADATA)
+                meta = read_metadata(self.dir / point.tag)
+                meta.pop("files", None)  # those digests describe the original tag's files
+                atomic_write_json(partial / METADATA, meta)
                 shutil.rmtree(target, ignore_errors=True)
                 partial.rename(target)
                 error = None
         else:
             error = None
-        error = _broadcast(error)
+        error = broadcast_object(error)
         if error is not None:
             raise error
 
@@ -129,12 +151,22 @@ class Checkpointer:
     # -- saving --------------------------------------------------------------------------------
     def save(self, engine, step: int, samples_seen: int, config_hash: str, client_state: dict) -> str:
         tag = tag_for(step)
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
-        dist.barrier()  # every rank's shards are on disk
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            # The launcher (torchrun, srun) stops the other ranks when this one exits.
+            free = shutil.disk_usage(self.dir).free
+            raise UserError(f"rank {self.rank} could not save checkpoint {self.dir / tag}: "
+                            f"{str(e).strip().splitlines()[-1]} ({free / 1e6:.0f} MB free there; a full disk or "
+                            f"quota?); {self.dir / LATEST} still names the previous complete checkpoint") from None
+        # Each rank digests the files it wrote, so the work is spread and the files are read once.
+        records = [None] * self.world_size
+        dist.all_gather_object(records, file_records(owned_files(self.dir / tag, self.rank)))
         if self.rank == 0:
+            files = {name: record for mine in records for name, record in mine.items()}
             atomic_write_json(self.dir / tag / METADATA, {"step": step, "samples_seen": samples_seen,
                                                           "world_size": self.world_size,
-                                                          "config_hash": config_hash})
+                                                          "config_hash": config_hash, "files": files})
             atomic_write_text(self.dir / LATEST, tag)
             self._prune(keep=tag)
         dist.barrier()

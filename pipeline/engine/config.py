@@ -92,6 +92,15 @@ class EngineConfig:
         if self.log_every <= 0 or self.peak_tflops <= 0:
             raise ValueError("log_every and peak_tflops must be positive")
 
+    def check_model_input(self, model_size: int | None, model_channels: int, prefix: str = "model") -> None:
+        """The loader's images must be what the model takes (found here, not minutes into timm)."""
+        if model_size is not None and self.data.image_size != model_size:
+            raise ValueError(f"data.image_size {self.data.image_size} differs from {prefix}.img_size {model_size}: "
+                             f"set both to the same size")
+        if self.data.channels != model_channels:
+            key = f"{prefix}.in_chans" if model_size is not None else f"{prefix}.in_channels"
+            raise ValueError(f"data.channels {self.data.channels} differs from {key} {model_channels}")
+
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank; an error if the batch does not split."""
         per_step = self.micro_batch * world_size
@@ -107,3 +116,7 @@ class PretrainConfig(EngineConfig):
 
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_model_input(self.model.img_size, self.model.in_chans)

@@ -19,32 +19,39 @@ import yaml
 
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_json
-from pipeline.engine.checkpoint import CHECKPOINTS_DIR, LATEST, METADATA
+from pipeline.engine.checkpoint import CHECKPOINTS_DIR, LATEST, warn
+from pipeline.engine.checkpoint_files import METADATA, check_tag, safe_torch_load, select_checkpoint
 
 WRAPPER_PREFIX = "model."
 EXPORT_FORMAT = "robustmim-mae/1"
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """(checkpoints dir, tag) from a run dir, a checkpoints dir or a tag dir."""
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str, dict]:
+    """(checkpoints dir, tag, its metadata) from a run dir, a checkpoints dir or a tag dir, after
+    checking the tag's files (pipeline/engine/checkpoint_files.py). A run or checkpoints dir gives
+    the tag `latest` names, or the newest complete one when `latest` is missing or damaged."""
     path = Path(path)
     for candidate in (path / CHECKPOINTS_DIR, path):
-        if (candidate / LATEST).is_file():
-            return candidate, (candidate / LATEST).read_text().strip()
+        latest = candidate / LATEST
+        chosen = select_checkpoint(candidate, latest.read_text().strip() if latest.is_file() else None, warn)
+        if chosen is not None:
+            return candidate, chosen[0], chosen[1]
     if (path / METADATA).is_file():
-        return path.parent, path.name
+        return path.parent, path.name, check_tag(path)
     raise UserError(f"no checkpoint at {path}: expected a run directory, its {CHECKPOINTS_DIR}/ "
-                    f"(with a '{LATEST}' file) or one checkpoint's step_* directory")
+                    f"or one checkpoint's step_* directory")
 
 
 def consolidated_state_dict(checkpoints: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The module's fp32 weights; only for a tag `resolve_checkpoint` checked (DeepSpeed's
+    zero_to_fp32 unpickles without restrictions)."""
     tag_dir = checkpoints / tag
     if any(tag_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
     else:  # ZeRO stage 0: the model states file holds the whole module
-        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        state = safe_torch_load(tag_dir / "mp_rank_00_model_states.pt", mmap=False)["module"]
     return {k[len(WRAPPER_PREFIX):]: v.float().contiguous() for k, v in state.items() if k.startswith(WRAPPER_PREFIX)}
 
 
@@ -84,13 +91,10 @@ def run_stage(run_dir: Path) -> str:
 
 
 def export_checkpoint(path: str | Path, out: str | Path) -> dict:
-    checkpoints, tag = resolve_checkpoint(path)
-    if not (checkpoints / tag).is_dir():
-        raise UserError(f"{checkpoints / LATEST} names {tag}, which is missing")
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out}: expected a .safetensors file name")
-    meta = json.loads((checkpoints / tag / METADATA).read_text())
+    checkpoints, tag, meta = resolve_checkpoint(path)
     stage = run_stage(checkpoints.parent)
     if stage == "finetune":
         from pipeline.finetune.export import export_classifier

@@ -1,24 +1,37 @@
 """Logging on rank 0: a progress line, TensorBoard scalars and a JSONL metrics file.
 
 Values are read from the device only at log intervals. On resume the JSONL file is cut back to
-the resumed step, so it always holds one run's curve without the killed run's tail.
+the resumed step, so it always holds one run's curve without the killed run's tail; the rows
+cut (a killed run's tail, or a whole log when no checkpoint was left to resume from) are
+appended to metrics.superseded.jsonl, never dropped.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from robustmim.fileio import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_FILE = "metrics.superseded.jsonl"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The logged rows; a last line cut short by a killed writer is left out."""
     path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()
+    return [json.loads(line) for line in lines]
 
 
 class MetricsLog:
@@ -29,8 +42,16 @@ class MetricsLog:
         self.started = time.perf_counter()
         if not enabled:
             return
-        kept = [r for r in read_metrics(run_dir) if r["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        rows = read_metrics(run_dir)
+        cut = [r for r in rows if r["step"] > start_step]
+        if cut:
+            with open(Path(run_dir) / SUPERSEDED_FILE, "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in cut))
+                f.flush()
+                os.fsync(f.fileno())
+            note = f"{len(cut)} metrics rows after step {start_step} moved to {SUPERSEDED_FILE}"
+            print(("note: " if start_step else "warning: ") + note, file=sys.stderr, flush=True)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)

@@ -23,13 +23,15 @@ import torch.nn as nn
 from robustmim.config import to_yaml
 from robustmim.errors import UserError
 from robustmim.provenance import write_provenance
+from robustmim.runlock import DirectoryLock
 from pipeline.data.dali import DaliLoader, use_gpu
 from pipeline.data.shardset import open_shards
-from pipeline.dist import detect_env, init_distributed, shutdown_distributed
+from pipeline.dist import broadcast_object, detect_env, init_distributed, shutdown_distributed
 from pipeline.engine.checkpoint import Checkpointer, ResumePoint
 from pipeline.engine.config import EngineConfig, Precision
 from pipeline.engine.metrics import MetricsLog
 from pipeline.engine.optim import build_optimizer
+from pipeline.engine.run_state import write_run_state
 from pipeline.engine.signals import StopRequest
 from pipeline.engine.task import TrainingTask
 from pipeline.objectives.base import step_generator
@@ -64,7 +66,11 @@ def train(cfg: EngineConfig, task: TrainingTask) -> dict:
     on_gpu = use_gpu(cfg.data.device)
     init_distributed(env, on_gpu)
     try:
-        return Trainer(cfg, task, env, on_gpu).run()
+        trainer = Trainer(cfg, task, env, on_gpu)
+        try:
+            return trainer.run()
+        finally:
+            trainer.lock.release()
     finally:
         shutdown_distributed()
 
@@ -107,10 +113,17 @@ class Trainer:
         self.total_steps = cfg.length.steps(shards.total, cfg.global_batch)
         warmup_steps = round(cfg.optim.warmup_epochs * shards.total / cfg.global_batch)
         self.run_dir = Path(cfg.run_dir)
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_provenance(self.run_dir, cfg, task.stage)
-        dist.barrier()
+        self.lock = DirectoryLock(self.run_dir, f"robustmim {task.stage}")
+        refusal = None
+        if env.is_main:  # one writer per run directory, held until this run ends
+            try:
+                self.lock.acquire()
+                write_provenance(self.run_dir, cfg, task.stage)
+            except UserError as e:
+                refusal = e
+        refusal = broadcast_object(refusal)
+        if refusal is not None:
+            raise refusal
 
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last, env.rank, env.world_size)
         resume = self.checkpointer.resume_point() if cfg.checkpoint.resume else None
@@ -230,6 +243,9 @@ class Trainer:
                 self.save()
             if stopped_by:
                 log.note(f"stopped by {stopped_by} at step {self.step}; checkpoint saved, resume by re-running")
+            if env.is_main:
+                write_run_state(self.run_dir, "stopped" if stopped_by else "finished", self.step, self.total_steps,
+                                stopped_by)
         finally:
             stop.restore()
             log.close()

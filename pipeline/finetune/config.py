@@ -154,3 +154,7 @@ class FinetuneConfig(EngineConfig):
     length: RunLength = field(default_factory=lambda: RunLength(epochs=50))
     global_batch: int = 1024
     micro_batch: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_model_input(self.model.img_size, self.model.in_chans)
