@@ -40,3 +40,12 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
 def test_help_lists_the_stages():
     result = run("--help")
     assert result.returncode == 0 and "shards" in result.stdout
+
+
+def test_a_single_process_run_picks_a_free_port_unless_one_is_given():
+    """Two single-process runs on one machine must not both take torch's default 29500."""
+    from pipeline.dist import detect_env
+
+    first, second = detect_env({}), detect_env({})
+    assert first.launcher == "single" and 29500 not in (first.master_port, second.master_port)
+    assert detect_env({"MASTER_PORT": "29123"}).master_port == 29123

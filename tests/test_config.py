@@ -59,6 +59,25 @@ def test_values_checked_by_the_dataclass(override, message):
         load_config(ShardsConfig, None, ["out=/x", override])
 
 
+@pytest.mark.parametrize("stage, override, message", [
+    ("pretrain", "data=5", r"override 'data=5': 'data' is a section of settings, not a value; set its keys instead "
+                           r"\(data.shards, "),
+    ("pretrain", "model.img_size=32", "data.image_size 28 differs from model.img_size 32"),
+    ("pretrain", "data.channels=3", "data.channels 3 differs from model.in_chans 1"),
+    ("finetune", "data.image_size=32", "data.image_size 32 differs from model.img_size 28"),
+    ("tokenizer", "data.channels=3", "data.channels 3 differs from model.in_channels 1"),
+])
+def test_sections_and_keys_that_must_agree_are_checked_in_the_config(stage, override, message):
+    """Found when the config loads, not minutes later inside the model."""
+    from pipeline.cli import TRAINING_STAGES, resolve
+
+    schema = resolve(TRAINING_STAGES[stage][0])
+    path = {"pretrain": "configs/pretrain/mae_tiny_fmnist.yaml", "finetune": "configs/finetune/standard_tiny_fmnist.yaml",
+            "tokenizer": "configs/tokenizer/tiny_fmnist.yaml"}[stage]
+    with pytest.raises(ConfigError, match=message):
+        load_config(schema, REPO_ROOT / path, ["run_dir=/x", override])
+
+
 def test_malformed_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_config(ShardsConfig, None, ["out"])

@@ -261,6 +261,47 @@ def test_merge_fails_loudly_on_a_gap_or_a_duplicate(tmp_path):
         merge_records(out, [0, 2, 4, 6])
 
 
+def test_records_made_under_other_settings_do_not_merge(tmp_path):
+    out = tmp_path / "eval"
+    (out / "records").mkdir(parents=True)
+    rank_file(out, 0).write_text("".join(json.dumps({"idx": i, "settings": "aaaa"}) + "\n" for i in (0, 1)))
+    rank_file(out, 1).write_text(json.dumps({"idx": 2, "settings": "bbbb"}) + "\n")
+    assert [r["idx"] for r in merge_records(out, [0, 1, 2])] == [0, 1, 2]  # no digest asked for
+    with pytest.raises(UserError, match=r"rank00001.jsonl: the record of index 2 was made with other settings"):
+        merge_records(out, [0, 1, 2], settings_digest="aaaa")
+
+
+def test_a_restart_with_other_attack_settings_is_refused_or_starts_fresh(trained, tmp_path):
+    """Half an evaluation, then the same command with another PGD step size: the old records
+    would mix with new ones (a different attack), so it is refused naming the setting; with
+    fresh=true the old evaluation moves aside and the new one is complete and its own."""
+    out = tmp_path / "eval"
+    plain = ["certify.enabled=false", "predict.enabled=false"]
+    proc = run_eval(trained["plain"], trained["shards"], out, *plain, "batch_size=4", wait=False)
+    records = rank_file(out, 0)
+    wait_for(lambda: records.exists() and len(records.read_text().splitlines()) >= 8, proc, what="8 records")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = records.read_text()
+
+    changed = subprocess.run(list(map(str, [ROBUSTMIM, "eval", "--model", trained["plain"], "--data", trained["shards"],
+                                            "--out", out, *EVAL_SETTINGS, *plain,
+                                            "attacks=[{epsilons: [0.0157], steps: 3, eot: 2, score_draws: 3, "
+                                            "step_size: 0.01}]"])),
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    assert "attacks.0.step_size: 0.0 -> 0.01" in changed.stderr and "fresh=true" in changed.stderr
+    assert records.read_text() == done  # nothing touched
+
+    run_eval(trained["plain"], trained["shards"], out, *plain, "fresh=true",
+             "attacks=[{epsilons: [0.0157], steps: 3, eot: 2, score_draws: 3, step_size: 0.01}]")
+    (aside,) = (out / "superseded").iterdir()
+    assert (aside / "records" / "rank00000.jsonl").read_text() == done
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["record_settings"]["attacks.0.step_size"] == 0.01
+    assert {r["settings"] for r in merged(out)} == {plan["settings_digest"]} and len(merged(out)) == 40
+
+
 def test_report_puts_models_in_one_table_with_plots(trained, one_rank, tmp_path):
     plain = tmp_path / "plain"
     run_eval(trained["plain"], trained["shards"], plain, "certify.enabled=false", "predict.enabled=false")

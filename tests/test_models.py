@@ -146,3 +146,15 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
         if a.grad is not None:
             assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_a_truncated_safetensors_file_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from pipeline.models.weights import read_state_dict
+
+    path = tmp_path / "init.safetensors"
+    save_file({"w": torch.zeros(1000)}, str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(UserError, match=rf"{path}: not a readable safetensors file \(truncated or damaged\?\)"):
+        read_state_dict(path)

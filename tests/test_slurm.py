@@ -130,6 +130,19 @@ def test_a_failed_job_shows_its_error_and_log_in_status(slurm_cluster, tmp_path,
     assert "no manifest" in status.stdout
 
 
+def test_status_shows_the_log_of_the_task_that_failed_not_only_task_0s(tmp_path):
+    from slurm.cli import failed_task_logs
+
+    logs = tmp_path / "slurm" / "7"
+    logs.mkdir(parents=True)
+    (logs / "7_0_log.err").write_text("rank 0 waiting for the others\nprocess group torn down\n")
+    (logs / "7_1_log.err").write_text("Traceback (most recent call last):\n  ...\nOSError: No space left\n")
+    assert failed_task_logs(logs, "7") == [(logs / "7_1_log.err", ["Traceback (most recent call last):", "  ...",
+                                                                    "OSError: No space left"])]
+    (logs / "7_1_log.err").write_text("")
+    assert failed_task_logs(logs, "7")[0][0] == logs / "7_0_log.err"  # no error anywhere: task 0's
+
+
 def test_local_cluster_runs_the_same_job_without_slurm(tmp_path):
     cfg = load_config(SlurmConfig, None, ["tasks_per_node=2", "cpus_per_task=1", "time=5", "cluster=local"])
     job_id = submit("check", tmp_path, None, [], cfg, dry_run=False)
@@ -166,6 +179,7 @@ def test_time_limit_requeues_and_the_run_finishes_like_an_uninterrupted_run(slur
     starts = [a for a in attempts if "event" not in a]
     assert len(starts) >= len(requeues) + 1  # each requeue was followed by a restart
     assert curve(run_dir) == curve(reference)
+    assert f"started {len(starts)} time(s)" in run_cli("status", run_dir).stdout  # requeue events are not starts
 
 
 def test_two_node_job_on_one_machine(tmp_path, monkeypatch):
@@ -216,6 +230,7 @@ def test_eval_array_job_one_task_per_shard_merges_to_the_single_process_result(s
     assert len(job_ids) == 4 and all(wait_finished(j, timeout_s=300) == "COMPLETED" for j in job_ids)
     status = run_cli("status", out)
     assert "(eval, 1 task(s)" in status.stdout and "evaluation: 25 of 25 samples recorded" in status.stdout
+    assert status.stdout.count("COMPLETED, started 1 time(s)") == 4  # each array task counted
     merged = run_cli("eval", "--merge-only", "--out", out)
     assert merged.returncode == 0, merged.stderr
 
