@@ -11,7 +11,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test bench lock fashion-mnist clean
+.PHONY: install demo test bench bench-gpu gpu-wheels lock fashion-mnist clean
 
 install: $(VENV)/.installed
 
@@ -86,6 +86,27 @@ bench: install fashion-mnist
 	$(BIN)/python -m bench.engine
 	$(BIN)/python -m bench.certify
 	$(BIN)/python -m bench.dat
+	$(BIN)/python -m bench.train_step
+	$(BIN)/python -m bench.attacks
+
+# Every GPU measurement in one table, in under 9 minutes on one H100/H200 (bench/gpu_check.py).
+bench-gpu: install
+	bash bench/gpu_check.sh
+
+# For a GPU machine without network whose Python 3.12 has CUDA torch, timm and PyYAML but not
+# omegaconf and DeepSpeed: their wheels (versions from requirements.lock) into .whl/, which
+# bench/gpu_check.sh installs before it runs. DeepSpeed is an sdist: built here as a pure wheel.
+GPU_WHEELS := omegaconf pydantic pydantic_core annotated-types typing-inspection hjson
+gpu-wheels: install
+	mkdir -p .whl
+	set -e; for name in $(GPU_WHEELS); do \
+	  spec=$$(grep -i "^$$name==" requirements.lock); \
+	  $(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl "$$spec"; \
+	done
+	$(PIP) wheel -q --no-deps -w .whl "$$(grep -i '^deepspeed==' requirements.lock)"
+	@ls -la .whl
 
 # Re-pin every package after a change of pyproject.toml's dependencies.
 lock: install

@@ -24,7 +24,7 @@ from bench.step import matmul_peak, median_seconds
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.recipes import build_recipe
 from pipeline.finetune.task import FinetuneModule
-from pipeline.flops import finetune_flops_per_image, vqgan_flops
+from pipeline.flops import PEAK_TFLOPS_DENSE_BF16, finetune_flops_per_image, vqgan_flops
 from pipeline.models.classifier import ViTClassifier
 from pipeline.models.vqgan import PRESETS, VQGAN, reconstruct
 from pipeline.objectives import step_generator
@@ -55,7 +55,7 @@ def main() -> None:
     peak = matmul_peak(device, dtype, 8192 if device.type == "cuda" else 1024)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{args.encoder} at {size}px + VQGAN {args.tokenizer}, batch {args.batch}, {args.dtype}, {name}; "
-          f"measured matmul peak {peak / 1e12:.2f} TFLOP/s")
+          f"measured matmul {peak / 1e12:.2f} TFLOP/s; MFU against {PEAK_TFLOPS_DENSE_BF16:.0f} TFLOP/s")
     print(f"{'what':<22} {'ms/step':>9} {'images/s':>9} {'GFLOP/img':>10} {'MFU':>6}")
     torch.manual_seed(0)
     tokenizer = VQGAN(tokenizer_cfg).to(device).eval().requires_grad_(False)
@@ -78,7 +78,7 @@ def main() -> None:
         seconds = median_seconds(step, device, args.warmup, args.steps)
         flops = finetune_flops_per_image(cfg, tokenizer=tokenizer_cfg if recipe == "dat" else None)
         print(f"{recipe + ' step':<22} {seconds * 1e3:>9.1f} {args.batch / seconds:>9.0f} {flops / 1e9:>10.2f} "
-              f"{args.batch / seconds * flops / peak:>6.1%}")
+              f"{args.batch / seconds * flops / (PEAK_TFLOPS_DENSE_BF16 * 1e12):>6.1%}")
         del module, optimizer
 
     def round_trip(index: int) -> None:
@@ -88,7 +88,7 @@ def main() -> None:
     seconds = median_seconds(round_trip, device, args.warmup, args.steps)
     flops = vqgan_flops(tokenizer_cfg, size, train=False)
     print(f"{'VQGAN round trip':<22} {seconds * 1e3:>9.1f} {args.batch / seconds:>9.0f} {flops / 1e9:>10.2f} "
-          f"{args.batch / seconds * flops / peak:>6.1%}")
+          f"{args.batch / seconds * flops / (PEAK_TFLOPS_DENSE_BF16 * 1e12):>6.1%}")
 
 
 if __name__ == "__main__":

@@ -57,15 +57,7 @@ def apgd(model: EvalModel, clean: torch.Tensor, labels: torch.Tensor, cfg: AutoA
     view = (-1,) + (1,) * (clean.dim() - 1)
 
     def loss_and_grad(x):
-        x = x.detach().requires_grad_(True)
-        total, fooled = 0.0, torch.zeros_like(labels, dtype=torch.bool)
-        for _ in range(model.draws(cfg.eot)):
-            logits = model.logits(x, generators)
-            total = total + loss_of(logits, labels, target)
-            fooled |= logits.argmax(-1) != labels
-        loss = total / model.draws(cfg.eot)
-        grad, = torch.autograd.grad(loss.sum(), x)
-        return loss.detach(), grad.detach(), fooled
+        return model.mean_loss_and_grad(x, labels, generators, cfg.eot, lambda logits: loss_of(logits, labels, target))
 
     step = torch.full((clean.shape[0],), 2 * eps, device=clean.device)
     x = random_start(clean, cfg.norm, eps, generators)
@@ -106,9 +98,15 @@ def apgd(model: EvalModel, clean: torch.Tensor, labels: torch.Tensor, cfg: AutoA
 
 
 def autoattack(model: EvalModel, clean: torch.Tensor, labels: torch.Tensor, indices: list[int], cfg: AutoAttackConfig,
-               seed: int) -> dict[str, dict[str, torch.Tensor]]:
-    """{"apgd-ce": ..., "apgd-t": ..., "aa": ...}, each {"pred", "correct", "distance"} as PGD's."""
+               seed: int, compact: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """{"apgd-ce": ..., "aa": ...}, each {"pred", "correct", "distance"} as PGD's: APGD-CE on
+    every sample, then each APGD-T target run on the samples still robust (the cascade). With
+    `compact`, a target run attacks only those samples; without, it attacks all and keeps the
+    same images: every draw is per sample, so the results are identical."""
+    from eval.attacks import attacked_rows
+
     device = clean.device
+    view = (-1,) + (1,) * (clean.dim() - 1)
     generators = [sample_generator(seed, i, ATTACK, APGD_PURPOSE, device=device) for i in indices]
     adv, _ = apgd(model, clean, labels, cfg, ce_loss, None, generators)
     pred = model.vote(adv, generators, cfg.score_draws)
@@ -116,20 +114,20 @@ def autoattack(model: EvalModel, clean: torch.Tensor, labels: torch.Tensor, indi
     final_adv, final_pred, robust = adv.clone(), pred.clone(), pred == labels
     with torch.no_grad():
         ranking = model.mean_log_probs(clean, generators, cfg.score_draws).argsort(dim=1, descending=True)
-    targets_correct = torch.ones_like(robust)
+    others = ranking[ranking != labels.view(-1, 1)].view(len(labels), -1)  # most likely other classes first
     for number in range(min(cfg.targets, model.num_classes - 1)):
-        # the (number + 1)-th most likely class other than the label
-        others = ranking[ranking != labels.view(-1, 1)].view(len(labels), -1)
-        target = others[:, number]
-        adv_t, _ = apgd(model, clean, labels, cfg, dlr_targeted, target, generators)
-        pred_t = model.vote(adv_t, generators, cfg.score_draws)
-        fooled = pred_t != labels
-        targets_correct &= ~fooled
-        switch = robust & fooled  # the cascade: only samples still robust take the new image
-        final_adv = torch.where(switch.view((-1,) + (1,) * (clean.dim() - 1)), adv_t, final_adv)
-        final_pred = torch.where(switch, pred_t, final_pred)
-        robust &= ~fooled
-    results["apgd-t"] = {"pred": final_pred, "correct": targets_correct, "distance": distance(final_adv, clean, cfg.norm)}
+        rows = attacked_rows(robust, compact)
+        if rows.numel() == 0:
+            break
+        # a fresh generator per (sample, target): a sample's draws do not depend on which runs it skipped
+        target_generators = [sample_generator(seed, indices[r], ATTACK, APGD_PURPOSE, 1 + number, device=device)
+                             for r in rows.tolist()]
+        adv_t, _ = apgd(model, clean[rows], labels[rows], cfg, dlr_targeted, others[rows, number], target_generators)
+        pred_t = model.vote(adv_t, target_generators, cfg.score_draws)
+        switch = robust[rows] & (pred_t != labels[rows])  # only samples still robust take the new image
+        final_adv[rows] = torch.where(switch.view(view), adv_t, final_adv[rows])
+        final_pred[rows] = torch.where(switch, pred_t, final_pred[rows])
+        robust[rows] &= ~switch
     results["aa"] = {"pred": final_pred, "correct": robust, "distance": distance(final_adv, clean, cfg.norm)}
     return results
 

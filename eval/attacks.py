@@ -41,10 +41,8 @@ def pgd_run(model: EvalModel, clean: torch.Tensor, labels: torch.Tensor, cfg: PG
     step = cfg.step_for(epsilon)
     adv = random_start(clean, cfg.norm, epsilon, generators) if cfg.random_start else clean.clone()
     for _ in range(cfg.steps):
-        adv.requires_grad_(True)
-        loss = attack_loss(model.mean_log_probs(adv, generators, cfg.eot), labels, cfg.loss).sum()
-        grad, = torch.autograd.grad(loss, adv)
-        adv = adv.detach()
+        _, grad = model.eot_loss_and_grad(adv, generators, cfg.eot,
+                                          lambda log_probs: attack_loss(log_probs, labels, cfg.loss))
         if cfg.norm is Norm.linf:
             adv = project_linf(adv + step * grad.sign(), clean, epsilon)
         else:
@@ -52,22 +50,47 @@ def pgd_run(model: EvalModel, clean: torch.Tensor, labels: torch.Tensor, cfg: PG
     return adv.detach()
 
 
+def perturbation_size(adv: torch.Tensor, clean: torch.Tensor, norm: Norm) -> torch.Tensor:
+    delta = (adv - clean).flatten(1)
+    return delta.abs().max(dim=1).values if norm is Norm.linf else delta.norm(dim=1)
+
+
+def attacked_rows(todo: torch.Tensor, compact: bool) -> torch.Tensor:
+    """The batch rows to attack: those in `todo` (one host read), or every row."""
+    return todo.nonzero().squeeze(1) if compact else torch.arange(todo.shape[0], device=todo.device)
+
+
 def pgd_attack(model: EvalModel, clean: torch.Tensor, labels: torch.Tensor, indices: list[int], cfg: PGDConfig,
-               attack_number: int, epsilon_number: int, seed: int) -> dict:
-    """Worst case over restarts: {"pred": [B], "correct": [B] bool, "distance": [B]} on the device."""
-    epsilon = cfg.epsilons[epsilon_number]
-    correct = torch.ones_like(labels, dtype=torch.bool)
-    final_pred = labels.clone()
-    distance = torch.zeros(labels.shape[0], device=clean.device)
-    for restart in range(cfg.restarts):
-        generators = [sample_generator(seed, i, ATTACK, attack_number, epsilon_number, restart, device=clean.device)
-                      for i in indices]
-        adv = pgd_run(model, clean, labels, cfg, epsilon, generators)
-        pred = model.vote(adv, generators, cfg.score_draws)
-        fooled = correct & (pred != labels)  # the first successful restart's image is kept
-        final_pred = torch.where(fooled | (restart == 0), pred, final_pred)
-        delta = (adv - clean).flatten(1)
-        size = delta.abs().max(dim=1).values if cfg.norm is Norm.linf else delta.norm(dim=1)
-        distance = torch.where(fooled | (restart == 0), size, distance)
-        correct = correct & (pred == labels)
-    return {"pred": final_pred, "correct": correct, "distance": distance}
+               attack_number: int, seed: int, compact: bool = True) -> list[dict]:
+    """For each of cfg.epsilons (in their order) the worst case over restarts: {"pred": [B],
+    "correct": [B] bool, "distance": [B]} on the device.
+
+    A sample is robust at epsilon if no restart fools it; the first fooling restart's image is
+    kept. A sample fooled at a smaller epsilon is fooled at every larger one by the same image
+    (it lies in the larger ball too). With `compact`, later restarts and larger epsilons attack
+    only the samples still robust; every draw is the sample's own, so the records are the same
+    as attacking all and keeping the same images (compact=false), only cheaper."""
+    count = labels.shape[0]
+    results: list[dict] = [{} for _ in cfg.epsilons]
+    fooled_before = torch.zeros_like(labels, dtype=torch.bool)  # at a smaller epsilon
+    carried_pred, carried_size = labels.clone(), torch.zeros(count, device=clean.device)
+    for eps_number in sorted(range(len(cfg.epsilons)), key=lambda n: cfg.epsilons[n]):
+        epsilon = cfg.epsilons[eps_number]
+        correct = ~fooled_before
+        pred, size = carried_pred.clone(), carried_size.clone()
+        for restart in range(cfg.restarts):
+            rows = attacked_rows(correct, compact)
+            if rows.numel() == 0:
+                break
+            generators = [sample_generator(seed, indices[r], ATTACK, attack_number, eps_number, restart,
+                                           device=clean.device) for r in rows.tolist()]
+            adv = pgd_run(model, clean[rows], labels[rows], cfg, epsilon, generators)
+            rows_pred = model.vote(adv, generators, cfg.score_draws)
+            # restart 0 sets every attacked sample's result; a later one replaces it when it fools
+            take = correct[rows] & ((rows_pred != labels[rows]) | (restart == 0))
+            pred[rows] = torch.where(take, rows_pred, pred[rows])
+            size[rows] = torch.where(take, perturbation_size(adv, clean[rows], cfg.norm), size[rows])
+            correct[rows] &= rows_pred == labels[rows]
+        results[eps_number] = {"pred": pred, "correct": correct, "distance": size}
+        fooled_before, carried_pred, carried_size = ~correct, pred, size
+    return results

@@ -34,7 +34,8 @@ def noisy_counts(classifier: nn.Module, image: torch.Tensor, sigma: float, num: 
         size = min(batch, remaining)
         noise = torch.randn((size, *image.shape), generator=generator, device=image.device, dtype=image.dtype)
         predictions = classifier(image.unsqueeze(0) + sigma * noise).argmax(-1)
-        counts += torch.bincount(predictions, minlength=num_classes)
+        # scatter_add, not bincount: bincount on CUDA reads the largest value back to the host
+        counts.scatter_add_(0, predictions, torch.ones_like(predictions))
         remaining -= size
     return counts
 

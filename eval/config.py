@@ -1,5 +1,5 @@
 """`robustmim eval` configuration: what to evaluate, on which samples, with which attacks and
-certification settings (EVAL.md's protocols; ImageNet-style defaults)."""
+certification settings (the published protocols; ImageNet-style defaults)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from omegaconf import MISSING
+
+from pipeline.engine.config import Precision
 
 
 class Norm(enum.Enum):
@@ -124,6 +126,13 @@ class EvalConfig:
     autoattack: AutoAttackConfig = field(default_factory=AutoAttackConfig)
     certify: CertifyConfig = field(default_factory=CertifyConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    # Later restarts, larger epsilons and APGD-T's target runs attack only the samples still
+    # robust (a sample fooled at a smaller epsilon keeps that image). The records are identical
+    # either way (every draw is per sample); false attacks every sample every time.
+    compact_attacks: bool = True
+    # bf16 autocast for every forward (attacks, certification); logits, losses and perturbations
+    # stay fp32. auto: bf16 on GPU, fp32 on CPU (no bf16 hardware there).
+    precision: Precision = Precision.auto
     # A restart must use the settings its records were made with; with fresh=true, changed
     # settings move the old records to out_dir/superseded/<time>/ and the evaluation starts over.
     fresh: bool = False

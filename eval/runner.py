@@ -28,6 +28,7 @@ from eval.apgd import autoattack
 from eval.attacks import pgd_attack
 from eval.certify import ABSTAIN, certify, predict
 from eval.config import EvalConfig
+from pipeline.engine.config import Precision
 from eval.model import EvalModel
 from eval.records import MERGED, RECORDS_DIR, RecordWriter, merge_records, recorded_indices
 from eval.sampling import CERTIFY_ESTIMATE, CERTIFY_SELECT, CLEAN, PREDICT, sample_generator, selected_indices
@@ -53,7 +54,7 @@ def certify_sigma(cfg: EvalConfig, spec) -> float | None:
 # Settings that do not change any record (per-sample seeding makes batching irrelevant) and so
 # may change between a run and its restart; every other key of EvalConfig shapes the records.
 PERFORMANCE_ONLY = ("model", "shards", "out_dir", "batch_size", "num_threads", "certify.batch", "predict.batch",
-                    "certify.radii", "fresh", "max_samples", "every_nth", "split", "seed")
+                    "certify.radii", "fresh", "max_samples", "every_nth", "split", "seed", "compact_attacks")
 
 
 def record_settings(cfg: EvalConfig) -> dict:
@@ -145,12 +146,12 @@ def evaluate_batch(model: EvalModel, images, labels, indices: list[int], cfg: Ev
         pred = model.vote(images, generators, cfg.clean_draws)
         results["clean"] = {"pred": pred, "correct": pred == labels}
     for number, attack in enumerate(cfg.attacks):
-        for eps_number, epsilon in enumerate(attack.epsilons):
-            results[attack.name(epsilon)] = pgd_attack(model, images, labels, indices, attack, number, eps_number,
-                                                       cfg.seed)
+        per_epsilon = pgd_attack(model, images, labels, indices, attack, number, cfg.seed, cfg.compact_attacks)
+        for epsilon, result in zip(attack.epsilons, per_epsilon):
+            results[attack.name(epsilon)] = result
     if cfg.autoattack.enabled:
         aa = cfg.autoattack
-        for part, result in autoattack(model, images, labels, indices, aa, cfg.seed).items():
+        for part, result in autoattack(model, images, labels, indices, aa, cfg.seed, cfg.compact_attacks).items():
             results[aa.name(part.replace("-", ""))] = result
     shared = (time.perf_counter() - started) / len(indices)
     host = {name: {k: v.tolist() for k, v in result.items()} for name, result in results.items()}  # one read
@@ -191,11 +192,15 @@ def evaluate_chunk(cfg: EvalConfig, plan: dict, rank: int, world_size: int, loca
     pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (index, image, label) awaiting a full batch
     evaluated, index = 0, loader.first_index
 
+    bf16 = cfg.precision is Precision.bf16 or (cfg.precision is Precision.auto and device.type == "cuda")
+
     def flush() -> None:
         images = torch.stack([image for _, image, _ in pending]).to(device)
         labels = torch.stack([label for _, _, label in pending]).to(device)
-        for record in evaluate_batch(model, images, labels, [i for i, _, _ in pending], cfg, plan["certify_sigma"],
-                                     plan["settings_digest"]):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            records = evaluate_batch(model, images, labels, [i for i, _, _ in pending], cfg, plan["certify_sigma"],
+                                     plan["settings_digest"])
+        for record in records:
             writer.write(record)
         pending.clear()
 

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from pipeline.finetune.config import FinetuneConfig
     from pipeline.models.vqgan import VQGANConfig
 
+# The one MFU denominator of the trainer's log and every bench: an H100 / H200's dense bf16
+# peak on paper, per device (a large bf16 matmul measures ~770-800 TFLOP/s on an H200).
+PEAK_TFLOPS_DENSE_BF16 = 989.0
+
 FUSED_ATTENTION_BACKWARD = 2.5  # flash and memory-efficient kernels
 MATH_ATTENTION_BACKWARD = 2.0  # attention as two batched matmuls
 

@@ -48,7 +48,7 @@ def run_submit(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(str(e)) from None
         run_dir = Path(cfg.run_dir)
-        memory = estimate_memory(cfg.model, cfg.zero_stage, slurm_cfg.tasks)
+        memory = estimate_memory(cfg, slurm_cfg.tasks, on_gpu=slurm_cfg.gpus_per_node > 0)
         describe = (f"# per rank: micro batch {cfg.micro_batch} x {accumulation} accumulation step(s); global batch "
                     f"{cfg.global_batch}\n# memory: {memory.describe()} (ZeRO-{cfg.zero_stage})")
     else:

@@ -70,25 +70,63 @@ def preflight(executor: submitit.AutoExecutor) -> None:
 class MemoryEstimate:
     params: int
     model_states_gb: float  # fp32 weights + gradients + Adam moments, as partitioned by ZeRO
+    activations_gb: float | None = None  # saved for backward by one micro-batch (None: not estimated)
+    micro_batch: int = 0
+    half_precision: bool = True
+
+    @property
+    def total_gb(self) -> float:
+        return self.model_states_gb + (self.activations_gb or 0.0)
 
     def describe(self) -> str:
-        return (f"{self.params / 1e6:.1f}M parameters; model states ~{self.model_states_gb:.2f} GB per GPU "
-                "(fp32 weights, gradients, Adam moments; activations and DALI buffers come on top)")
+        states = (f"{self.params / 1e6:.1f}M parameters; model states ~{self.model_states_gb:.2f} GB per GPU "
+                  "(fp32 weights, gradients, Adam moments)")
+        if self.activations_gb is None:
+            return states + "; activations and DALI buffers come on top"
+        precision = "bf16" if self.half_precision else "fp32"
+        return (f"{states} + activations ~{self.activations_gb:.1f} GB (micro-batch {self.micro_batch}, "
+                f"{precision}) = ~{self.total_gb:.1f} GB per GPU, DALI buffers and the allocator's slack on top")
 
 
-def estimate_memory(model_cfg, zero_stage: int, world_size: int) -> MemoryEstimate:
+# Bytes saved for backward per token and block of a pre-norm ViT block, per unit of width, with
+# fused (flash / memory-efficient) attention, which saves no score matrix: Korthikanti et al.'s
+# 34 * width bytes per token in 16-bit (their 5 * heads * tokens term is the score matrix).
+# Under bf16 autocast the layer norms keep fp32 outputs; 40 covers them. fp32 doubles it.
+ACTIVATION_BYTES_PER_TOKEN_WIDTH = {True: 40, False: 80}
+
+
+def block_tokens(cfg) -> list[tuple[int, int]]:
+    """(tokens, width) of each transformer block one image passes through in training."""
+    from pipeline.models.config import ClassifierConfig, ModelConfig
+
+    model = cfg.model
+    if isinstance(model, ClassifierConfig):
+        return [(model.num_patches + 1, model.embed_dim)] * model.depth
+    if not isinstance(model, ModelConfig):
+        return []
+    objective = cfg.objective
+    mask_ratio = getattr(objective, objective.name.value).mask_ratio
+    visible = int(model.num_patches * (1 - mask_ratio)) + 1
+    width, depth, _ = model.decoder_dims
+    return [(visible, model.embed_dim)] * model.depth + [(model.num_patches + 1, width)] * depth
+
+
+def estimate_memory(cfg, world_size: int, on_gpu: bool = True) -> MemoryEstimate:
     """Trained parameters: the autoencoder (ModelConfig), the classifier (ClassifierConfig,
     1000 classes where the count comes from the manifest; frozen denoisers and tokenizers not
-    counted) or the tokenizer (VQGANConfig; its optional discriminator not counted)."""
+    counted) or the tokenizer (VQGANConfig; its optional discriminator not counted). Activations:
+    the transformer blocks of one micro-batch (`block_tokens`; not estimated for the VQGAN)."""
     import dataclasses
 
     import torch
 
+    from pipeline.engine.config import Precision
     from pipeline.models.classifier import ViTClassifier
     from pipeline.models.config import ClassifierConfig
     from pipeline.models.mae import MaskedAutoencoder
     from pipeline.models.vqgan import VQGAN, VQGANConfig
 
+    model_cfg = cfg.model
     with torch.device("meta"):
         if isinstance(model_cfg, VQGANConfig):
             model = VQGAN(model_cfg)
@@ -99,8 +137,14 @@ def estimate_memory(model_cfg, zero_stage: int, world_size: int) -> MemoryEstima
         params = sum(p.numel() for p in model.parameters())
     weights, grads, adam = 4 * params, 4 * params, 8 * params
     shared = {0: (weights + grads + adam, 0), 1: (weights + grads, adam), 2: (weights, grads + adam),
-              3: (0, weights + grads + adam)}[zero_stage]
-    return MemoryEstimate(params, (shared[0] + shared[1] / world_size) / 1e9)
+              3: (0, weights + grads + adam)}[cfg.zero_stage]
+    half = cfg.precision is Precision.bf16 or (cfg.precision is Precision.auto and on_gpu)
+    blocks = block_tokens(cfg)
+    activations = None
+    if blocks and not cfg.activation_checkpointing:
+        per_image = sum(tokens * width for tokens, width in blocks) * ACTIVATION_BYTES_PER_TOKEN_WIDTH[half]
+        activations = per_image * cfg.micro_batch / 1e9
+    return MemoryEstimate(params, (shared[0] + shared[1] / world_size) / 1e9, activations, cfg.micro_batch, half)
 
 
 def submit_array(function, items: list, cfg: SlurmConfig, run_dir: Path, stage: str = "array") -> list[str]:

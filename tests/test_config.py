@@ -65,7 +65,6 @@ def test_values_checked_by_the_dataclass(override, message):
     ("pretrain", "model.img_size=32", "data.image_size 28 differs from model.img_size 32"),
     ("pretrain", "data.channels=3", "data.channels 3 differs from model.in_chans 1"),
     ("finetune", "data.image_size=32", "data.image_size 32 differs from model.img_size 28"),
-    ("tokenizer", "data.channels=3", "data.channels 3 differs from model.in_channels 1"),
 ])
 def test_sections_and_keys_that_must_agree_are_checked_in_the_config(stage, override, message):
     """Found when the config loads, not minutes later inside the model."""

@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from robustmim.config import load_config
 from pipeline.engine.checkpoint import LATEST, METADATA
+from pipeline.engine.config import PretrainConfig
 from pipeline.engine.export import export_checkpoint
 from pipeline.engine.metrics import read_metrics
 
@@ -130,7 +132,9 @@ def test_export_of_zero3_equals_zero1_and_needs_no_world_size(tmp_path, referenc
 LIVE_WEIGHTS_SCRIPT = """
 import sys, deepspeed
 from safetensors.torch import save_file
+from robustmim.config import load_config
 from pipeline.dist import detect_env, init_distributed, shutdown_distributed
+from pipeline.engine.config import PretrainConfig
 from pipeline.engine.pretrain import PretrainTask
 from pipeline.engine.trainer import Trainer
 
@@ -182,3 +186,27 @@ def test_global_batch_must_split_over_ranks_and_micro_batches(tmp_path, fashion_
     assert "--nproc-per-node 2: global_batch 48 is not divisible by 2 ranks x micro_batch 16 = 32" in out
     assert "torch.distributed" not in out  # refused before torchrun started any rank
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_deepspeed_clips_exactly_as_configured(clip):
+    """DeepSpeed clips at 1.0 unless told otherwise: a run asking for no clipping must get none,
+    and then skips the global gradient norm (its all-reduce and host read) altogether."""
+    from pipeline.dist import free_port
+    from pipeline.engine.trainer import deepspeed_config
+
+    cfg = load_config(PretrainConfig, None, ["run_dir=unused", "data.shards=unused", "zero_stage=1",
+                                             "global_batch=8", "micro_batch=8", f"optim.clip_grad={clip}"])
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1"}
+    script = (
+        "import json, sys, torch, deepspeed, torch.distributed as dist\n"
+        "dist.init_process_group('gloo')\n"
+        "model = torch.nn.Linear(4, 2)\n"
+        "engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),\n"
+        "                                  config=json.loads(sys.argv[1]), dist_init_required=False)\n"
+        "print('CLIP', engine.gradient_clipping(), engine.optimizer.compute_grad_norm)\n")
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(deepspeed_config(cfg, 1, False, False))],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"CLIP {clip} {clip > 0}" in done.stdout

@@ -81,39 +81,135 @@ def plain_spec():
     return DeploymentSpec(method="standard", weights="-", classifier=classifier_config(), defense=DefenseKind.none)
 
 
-@pytest.mark.parametrize("norm_name, epsilon", [("linf", 8 / 255), ("l2", 1.0)])
+def smoothing_spec(sigma: float = 0.25):
+    return DeploymentSpec(method="dmae", weights="-", classifier=classifier_config(), defense=DefenseKind.smoothing,
+                          sigma=sigma)
+
+
+# Fashion-MNIST's usual budgets (L-inf 0.1, L2 1.0): at 8/255 this small model kept 0.30 of its
+# 0.41 on one CPU and 0.17 on another (its training differs in the last bits between CPUs).
+@pytest.mark.parametrize("norm_name, epsilon", [("linf", 0.1), ("l2", 1.0)])
 def test_pgd_respects_the_budget_and_breaks_a_trained_model(trained, norm_name, epsilon):
     images, labels = val_batch(trained["shards"])
-    model = EvalModel(trained["model"], plain_spec())
+    seen = []
+
+    class Watched(EvalModel):  # records every iterate the attack takes a gradient at
+        def eot_loss_and_grad(self, images01, *args):
+            seen.append(images01.detach().clone())
+            return super().eot_loss_and_grad(images01, *args)
+
+    model = Watched(trained["model"], plain_spec())
     clean = (trained["model"](images).argmax(-1) == labels).float().mean().item()
     cfg = load_config(PGDConfig, None, [f"norm={norm_name}", f"epsilons=[{epsilon}]", "steps=20"])
-    seen = []
-    original = model.mean_log_probs
-    model.mean_log_probs = lambda x, g, d: (seen.append(x.detach().clone()), original(x, g, d))[1]
-    result = pgd_attack(model, images, labels, list(range(len(labels))), cfg, 0, 0, seed=0)
+    result, = pgd_attack(model, images, labels, list(range(len(labels))), cfg, 0, seed=0)
+    assert len(seen) == 20
     for adv in seen:  # every iterate stays in the ball and in [0, 1]
         delta = (adv - images).flatten(1)
         size = delta.abs().max(1).values if norm_name == "linf" else delta.norm(dim=1)
         assert (size <= epsilon + 1e-5).all() and adv.min() >= 0 and adv.max() <= 1
     robust = result["correct"].float().mean().item()
-    assert clean > 0.3 and robust < 0.5 * clean, (clean, robust)  # measured: 0.41 -> 0.17 (linf)
+    assert clean > 0.3 and robust < 0.5 * clean, (clean, robust)  # measured: 0.41 -> 0.07 (linf 0.1)
 
 
 def test_apgd_cascade_stays_in_the_ball_and_is_at_least_as_strong_as_pgd(trained):
     images, labels = val_batch(trained["shards"], 64)
     model = EvalModel(trained["model"], plain_spec())
     aa = load_config(AutoAttackConfig, None, ["enabled=true", "epsilon=0.0157", "steps=20", "targets=3"])
-    pgd = pgd_attack(model, images, labels, list(range(64)), load_config(PGDConfig, None, ["epsilons=[0.0157]",
-                                                                                          "steps=20"]), 0, 0, seed=0)
+    pgd, = pgd_attack(model, images, labels, list(range(64)), load_config(PGDConfig, None, ["epsilons=[0.0157]",
+                                                                                           "steps=20"]), 0, seed=0)
     results = autoattack(model, images, labels, list(range(64)), aa, seed=0)
     clean = trained["model"](images).argmax(-1) == labels
-    for name in ("apgd-ce", "apgd-t", "aa"):
+    for name in ("apgd-ce", "aa"):
         assert (results[name]["distance"] <= 0.0157 + 1e-6).all()
         assert not (results[name]["correct"] & ~clean).any()  # never "robust" where clean is wrong
     cascade = results["aa"]["correct"]
-    assert (cascade <= results["apgd-ce"]["correct"]).all() and (cascade <= results["apgd-t"]["correct"]).all()
+    assert (cascade <= results["apgd-ce"]["correct"]).all()  # the targeted runs only ever remove samples
     assert cascade.float().mean() <= pgd["correct"].float().mean() + 0.05
     assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]  # AutoAttack's schedule for 100 steps
+
+
+def saved_bytes_peak(fn) -> int:
+    """The most bytes autograd held saved for backward at any moment while `fn` ran."""
+    live = {"now": 0, "peak": 0}
+
+    class Saved:
+        def __init__(self, tensor):
+            self.tensor, self.size = tensor, tensor.numel() * tensor.element_size()
+            live["now"] += self.size
+            live["peak"] = max(live["peak"], live["now"])
+
+        def __del__(self):
+            live["now"] -= self.size
+
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.tensor):
+        fn()
+    return live["peak"]
+
+
+def test_eot_gradients_are_exact_and_their_memory_does_not_grow_with_the_draws(trained):
+    images, labels = val_batch(trained["shards"], 16)
+    model = EvalModel(trained["model"], smoothing_spec())
+    assert not any(p.requires_grad for p in model.module.parameters())  # an attack needs input gradients only
+    indices = list(range(16))
+
+    def generators():
+        return [torch.Generator().manual_seed(1000 + i) for i in indices]
+
+    def loss_of(log_probs):
+        return -log_probs.gather(1, labels.view(-1, 1)).squeeze(1)
+
+    peaks = {}
+    for draws in (1, 4, 16):
+        result = {}
+        peaks[draws] = saved_bytes_peak(lambda: result.update(zip(("loss", "grad"), model.eot_loss_and_grad(
+            images, generators(), draws, loss_of))))
+        x = images.clone().requires_grad_(True)  # the reference: every draw in one graph
+        reference = loss_of(model.mean_log_probs(x, generators(), draws))
+        grad, = torch.autograd.grad(reference.sum(), x)
+        assert torch.allclose(result["loss"], reference.detach(), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(result["grad"], grad, rtol=1e-4, atol=1e-7)
+    assert peaks[16] == peaks[4] and peaks[4] <= 1.05 * peaks[1], peaks  # one draw's graph at a time
+
+
+@pytest.mark.parametrize("defense", ["plain", "smoothed"])
+def test_compacted_attacks_give_the_records_of_full_attacks(trained, defense):
+    """Later restarts, larger epsilons and APGD-T targets on the still-robust samples only:
+    exactly the results of attacking every sample every time."""
+    images, labels = val_batch(trained["shards"], 24)
+    spec = plain_spec() if defense == "plain" else smoothing_spec()
+    model = EvalModel(trained["model"], spec)
+    indices = list(range(100, 124))
+    pgd = load_config(PGDConfig, None, ["epsilons=[0.03, 0.01]", "steps=3", "restarts=2", "eot=2", "score_draws=3"])
+    aa = load_config(AutoAttackConfig, None, ["enabled=true", "epsilon=0.02", "steps=4", "targets=3", "eot=2",
+                                              "score_draws=3"])
+    for compact_result, full_result in [
+            (pgd_attack(model, images, labels, indices, pgd, 0, seed=5, compact=True),
+             pgd_attack(model, images, labels, indices, pgd, 0, seed=5, compact=False)),
+            (autoattack(model, images, labels, indices, aa, seed=5, compact=True),
+             autoattack(model, images, labels, indices, aa, seed=5, compact=False))]:
+        pairs = zip(compact_result, full_result) if isinstance(compact_result, list) else \
+            ((compact_result[k], full_result[k]) for k in compact_result)
+        for compact, full in pairs:
+            for key in ("pred", "correct", "distance"):
+                assert torch.equal(compact[key], full[key]), key
+    small, large = pgd_attack(model, images, labels, indices, pgd, 0, seed=5)[::-1]
+    assert (large["correct"] <= small["correct"]).all()  # fooled at 0.01 stays fooled at 0.03
+
+
+def test_bf16_autocast_agrees_with_fp32_on_predictions_and_robust_accuracy(trained):
+    """Stated tolerance: >= 97% of clean predictions equal, PGD robust accuracy within 5 points."""
+    images, labels = val_batch(trained["shards"], 128)
+    model = EvalModel(trained["model"], plain_spec())
+    pgd = load_config(PGDConfig, None, ["epsilons=[0.0157]", "steps=5"])
+    outcome = {}
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad():
+                pred = model.logits(images, []).argmax(-1)
+            robust, = pgd_attack(model, images, labels, list(range(128)), pgd, 0, seed=0)
+        outcome[name] = (pred, robust["correct"].float().mean().item())
+    assert (outcome["bf16"][0] == outcome["fp32"][0]).float().mean() >= 0.97
+    assert abs(outcome["bf16"][1] - outcome["fp32"][1]) <= 0.05, outcome
 
 
 class Constant(nn.Module):
@@ -124,8 +220,8 @@ class Constant(nn.Module):
 def test_a_constant_classifier_is_unaffected_by_pgd_and_apgd():
     images, labels = torch.rand(8, 1, 28, 28), torch.full((8,), 1)
     spec = DeploymentSpec(method="standard", weights="-", classifier=classifier_config(num_classes=3))
-    result = pgd_attack(EvalModel(Constant(), spec), images, labels, list(range(8)),
-                        load_config(PGDConfig, None, ["steps=5"]), 0, 0, seed=0)
+    result, = pgd_attack(EvalModel(Constant(), spec), images, labels, list(range(8)),
+                         load_config(PGDConfig, None, ["steps=5"]), 0, seed=0)
     assert result["correct"].all()
     aa = load_config(AutoAttackConfig, None, ["steps=5", "targets=0"])
     assert autoattack(EvalModel(Constant(), spec), images, labels, list(range(8)), aa, seed=0)["aa"]["correct"].all()

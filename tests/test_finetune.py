@@ -1,7 +1,6 @@
 """`robustmim finetune` end to end on Fashion-MNIST: every recipe learns, exports what the eval
 stage loads, and resumes exactly after a SIGKILL (2 gloo ranks under torchrun)."""
 
-import dataclasses
 import json
 import os
 import signal
@@ -11,11 +10,11 @@ import pytest
 import torch
 
 from robustmim.config import load_config
+from pipeline.data.config import LoaderConfig
 from pipeline.data.dali import DaliLoader
 from pipeline.engine.checkpoint import LATEST
 from pipeline.engine.export import export_checkpoint
 from pipeline.engine.metrics import read_metrics
-from pipeline.finetune.config import FinetuneConfig
 from pipeline.models.deployed import DefenseKind, DenoiseThenClassify, load_deployed
 
 from conftest import REPO_ROOT
@@ -53,9 +52,10 @@ def recipe_settings(shards, run_dir, init, **extra) -> dict:
 
 
 def validation_top1(deployed, spec, shards, every_nth, sigma=0.0) -> float:
-    cfg = load_config(FinetuneConfig, None, ["run_dir=x", f"data.shards={shards}", "data.image_size=28",
-                                             "data.channels=1", "data.num_threads=1", "data.eval_crop_fraction=1.0"])
-    loader = DaliLoader(dataclasses.replace(cfg.data, split="val", augment=False, batch_size=500), 0, 1, 0, train=False)
+    data = load_config(LoaderConfig, None, [f"shards={shards}", "split=val", "image_size=28", "channels=1",
+                                            "num_threads=1", "eval_crop_fraction=1.0", "augment=false",
+                                            "batch_size=500"])
+    loader = DaliLoader(data, 0, 1, 0, train=False)
     generator = torch.Generator().manual_seed(0)
     correct = seen = 0
     with torch.no_grad():

@@ -74,7 +74,8 @@ def test_dmae_adds_noise_in_pixel_space_before_normalization(model, images):
 def test_nim_noise_per_image_in_pixel_space(model, images):
     seen, handle = _capture(model.patch_embed, "input")
     nim = objective("nim", "nim.sigma_dist=fixed", "nim.fixed_sigma=51")
-    out = nim(model, images, step_generator(0, 0, 0, "cpu"))
+    assert nim(model, images, step_generator(0, 0, 0, "cpu")).denoised is None  # training: not computed
+    out = nim(model, images, step_generator(0, 0, 0, "cpu"), with_denoised=True)
     handle.remove()
     g = step_generator(0, 0, 0, "cpu")
     noise = torch.randn(images.shape, generator=g)

@@ -36,11 +36,25 @@ class LoaderConfig:
     num_threads: int = 4
     prefetch: int = 2
     device: LoaderDevice = LoaderDevice.auto
+    # GPU (`mixed`) JPEG decoding only: the share of images for the hardware JPEG decoder of
+    # A100/H100-class GPUs (the rest go to CUDA nvJPEG), and memory reserved up front so the
+    # decoder does not reallocate as image sizes vary (the usual cure for nvJPEG allocation
+    # failures and growing memory). 0 leaves a padding or hint to DALI's default.
+    hw_decoder_load: float = 0.65
+    device_memory_padding: int = 64 << 20  # bytes per decoder thread on the GPU
+    host_memory_padding: int = 16 << 20  # bytes of pinned host memory per thread
+    preallocate_width_hint: int = 0  # typical largest image width (ImageNet: ~4,000 px)
+    preallocate_height_hint: int = 0
     # sha256 every shard at start-up: the one defence against same-size damage inside a shard
     # (reads the whole split once, ~1 s per GB per core; sizes and index hashes are always checked).
     verify_hashes: bool = False
 
     def __post_init__(self) -> None:
+        if not 0 <= self.hw_decoder_load <= 1:
+            raise ValueError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
+        if min(self.device_memory_padding, self.host_memory_padding, self.preallocate_width_hint,
+               self.preallocate_height_hint) < 0:
+            raise ValueError("the decoder's memory paddings and preallocation hints must be >= 0")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.image_size <= 0:

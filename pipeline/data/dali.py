@@ -71,6 +71,14 @@ def build_pipeline(cfg: LoaderConfig, shards: ShardSet, rank: int, world_size: i
     color = types.RGB if cfg.channels == 3 else types.GRAY
     size = cfg.image_size
 
+    decoder_options = {}
+    if on_gpu:  # the mixed (nvJPEG) decoder's load split and memory reservations
+        decoder_options = {"hw_decoder_load": cfg.hw_decoder_load}
+        for key in ("device_memory_padding", "host_memory_padding", "preallocate_width_hint",
+                    "preallocate_height_hint"):
+            if getattr(cfg, key):
+                decoder_options[key] = getattr(cfg, key)
+
     @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=device_id,
                   seed=rank_seed(cfg.seed, rank), prefetch_queue_depth=cfg.prefetch, enable_checkpointing=True)
     def graph():
@@ -82,16 +90,16 @@ def build_pipeline(cfg: LoaderConfig, shards: ShardSet, rank: int, world_size: i
             shuffle_after_epoch=train,
             **({"shuffle_after_epoch_seed": cfg.seed} if train else {}),  # the same on every rank
             pad_last_batch=not train,
-            dont_use_mmap=True,  # plain reads: mmap turns some damaged files into SIGSEGV (STACK.md)
+            dont_use_mmap=True,  # plain reads: mmap turns some damaged files into SIGSEGV in DALI 2.4
             name=READER_NAME)
         if train and cfg.augment:
             images = fn.decoders.image_random_crop(
                 encoded, device=decoder_device, output_type=color, num_attempts=10,
-                random_area=list(cfg.crop_scale), random_aspect_ratio=list(cfg.crop_ratio))
+                random_area=list(cfg.crop_scale), random_aspect_ratio=list(cfg.crop_ratio), **decoder_options)
             images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
             mirror = fn.random.coin_flip(probability=0.5) if cfg.flip else 0
         else:
-            images = fn.decoders.image(encoded, device=decoder_device, output_type=color)
+            images = fn.decoders.image(encoded, device=decoder_device, output_type=color, **decoder_options)
             images = fn.resize(images, resize_shorter=cfg.eval_resize, interp_type=types.INTERP_CUBIC, antialias=True)
             mirror = 0
         images = fn.crop_mirror_normalize(

@@ -11,6 +11,7 @@ from omegaconf import MISSING
 
 from pipeline.data.accounting import RunLength
 from pipeline.data.config import LoaderConfig
+from pipeline.flops import PEAK_TFLOPS_DENSE_BF16
 from pipeline.models.config import ModelConfig
 from pipeline.objectives.config import ObjectiveConfig
 
@@ -76,11 +77,19 @@ class EngineConfig:
     length: RunLength = field(default_factory=lambda: RunLength(epochs=800))
     global_batch: int = 4096
     micro_batch: int = 64  # per rank and step; accumulation = global / (micro * ranks)
+    # ZeRO-1 shards the optimizer state (12 of the 16 bytes per parameter), which is what
+    # matters for models of this size; ZeRO-2 also shards gradients but reduces them on every
+    # micro-step; ZeRO-3 shards the weights too (for models that do not fit otherwise).
     zero_stage: int = 2
+    zero_bucket_size: int = 50_000_000  # ZeRO-2 reduce / all-gather bucket (elements)
     precision: Precision = Precision.auto
     activation_checkpointing: bool = False
+    # torch.compile each transformer block (ZeRO 0-2; ZeRO-3's parameter hooks would break the
+    # graphs). Off until measured faster on the target GPU: bench/gpu_check.sh times both.
+    compile: bool = False
     log_every: int = 20  # steps between logs, metric reads and signal checks
-    peak_tflops: float = 989.0  # per device, for MFU (H100 dense bf16); set to your hardware's
+    # Per device, the MFU denominator: the H100/H200 dense bf16 spec, as every bench uses.
+    peak_tflops: float = PEAK_TFLOPS_DENSE_BF16
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
@@ -89,17 +98,18 @@ class EngineConfig:
         if self.global_batch <= 0 or self.micro_batch <= 0 or self.global_batch % self.micro_batch:
             raise ValueError(f"global_batch ({self.global_batch}) must be a positive multiple of "
                              f"micro_batch ({self.micro_batch})")
-        if self.log_every <= 0 or self.peak_tflops <= 0:
-            raise ValueError("log_every and peak_tflops must be positive")
+        if self.compile and self.zero_stage == 3:
+            raise ValueError("compile=true needs zero_stage <= 2 (ZeRO-3 gathers parameters in hooks inside each block)")
+        if self.log_every <= 0 or self.peak_tflops <= 0 or self.zero_bucket_size <= 0:
+            raise ValueError("log_every, peak_tflops and zero_bucket_size must be positive")
 
-    def check_model_input(self, model_size: int | None, model_channels: int, prefix: str = "model") -> None:
-        """The loader's images must be what the model takes (found here, not minutes into timm)."""
-        if model_size is not None and self.data.image_size != model_size:
-            raise ValueError(f"data.image_size {self.data.image_size} differs from {prefix}.img_size {model_size}: "
+    def check_model_input(self, model_size: int, model_channels: int) -> None:
+        """The loader's images must be what the ViT takes (found here, not minutes into timm)."""
+        if self.data.image_size != model_size:
+            raise ValueError(f"data.image_size {self.data.image_size} differs from model.img_size {model_size}: "
                              f"set both to the same size")
         if self.data.channels != model_channels:
-            key = f"{prefix}.in_chans" if model_size is not None else f"{prefix}.in_channels"
-            raise ValueError(f"data.channels {self.data.channels} differs from {key} {model_channels}")
+            raise ValueError(f"data.channels {self.data.channels} differs from model.in_chans {model_channels}")
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank; an error if the batch does not split."""

@@ -81,7 +81,9 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, global_batch: int, war
     """AdamW over `groups` (each with its lr_scale) and the schedule, stepped per optimizer step."""
     lr = peak_lr(cfg, global_batch)
     groups = [{**group, "lr": lr * group["lr_scale"]} for group in groups]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+    # One fused kernel for all parameters on CUDA instead of a loop of small ones per tensor.
+    on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), fused=on_cuda or None)
     # min_lr is absolute: each group's floor is min_lr scaled like the group (as MAE's schedule)
     schedule = WarmupCosine(warmup_steps, total_steps, cfg.min_lr / lr)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

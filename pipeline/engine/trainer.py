@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 from robustmim.config import to_yaml
 from robustmim.errors import UserError
@@ -34,6 +33,7 @@ from pipeline.engine.optim import build_optimizer
 from pipeline.engine.run_state import write_run_state
 from pipeline.engine.signals import StopRequest
 from pipeline.engine.task import TrainingTask
+from pipeline.models.vit import compile_blocks
 from pipeline.objectives.base import step_generator
 
 
@@ -47,13 +47,22 @@ def config_hashes(cfg: EngineConfig) -> dict[str, str]:
 
 def deepspeed_config(cfg: EngineConfig, accumulation: int, bf16: bool, universal: bool) -> dict:
     zero = {"stage": cfg.zero_stage}
-    if cfg.zero_stage >= 1:
+    if cfg.zero_stage in (1, 2):
+        # Without clipping nothing needs the global gradient norm: skip its all-reduce and host read.
+        zero.update(contiguous_gradients=True, compute_grad_norm=bool(cfg.optim.clip_grad))
+    if cfg.zero_stage == 2:
+        # Gradients are reduced while the backward runs, bucket by bucket; a bucket larger than
+        # the model (DeepSpeed's default 5e8 elements; a ViT-L has 3.3e8) would leave nothing to
+        # overlap.
+        zero.update(overlap_comm=True, reduce_bucket_size=cfg.zero_bucket_size,
+                    allgather_bucket_size=cfg.zero_bucket_size)
+    if cfg.zero_stage == 3:
         zero.update(overlap_comm=True, contiguous_gradients=True)
     config = {"train_batch_size": cfg.global_batch, "train_micro_batch_size_per_gpu": cfg.micro_batch,
               "gradient_accumulation_steps": accumulation, "zero_optimization": zero,
               "steps_per_print": 2**31 - 1}
-    if cfg.optim.clip_grad:
-        config["gradient_clipping"] = cfg.optim.clip_grad
+    # Always stated: DeepSpeed's own default is 1.0, which would clip every run that asks for none.
+    config["gradient_clipping"] = cfg.optim.clip_grad
     if bf16:  # fp32 master weights; matmuls in bf16; noise arithmetic stays fp32
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if universal:
@@ -64,6 +73,9 @@ def deepspeed_config(cfg: EngineConfig, accumulation: int, bf16: bool, universal
 def train(cfg: EngineConfig, task: TrainingTask) -> dict:
     env = detect_env()
     on_gpu = use_gpu(cfg.data.device)
+    if on_gpu:  # fp32 matmuls outside autocast (fp32 runs, the optimizer's) may use TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     init_distributed(env, on_gpu)
     try:
         trainer = Trainer(cfg, task, env, on_gpu)
@@ -97,7 +109,10 @@ class LossTerms:
 
 
 class Trainer:
-    def __init__(self, cfg: EngineConfig, task: TrainingTask, env, on_gpu: bool):
+    def __init__(self, cfg: EngineConfig, task: TrainingTask, env, on_gpu: bool, loader_class=DaliLoader):
+        """`loader_class` builds the training stream (DaliLoader's signature and state_dict);
+        benches pass one of synthetic device batches to time the engine where DALI is absent."""
+        self.loader_class = loader_class
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -130,13 +145,15 @@ class Trainer:
         self.hashes = config_hashes(cfg)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         module = task.build(cfg).to(self.device)
+        if cfg.compile:
+            compile_blocks(module)
         if env.is_main:
             for note in task.notes:
                 print(f"{task.stage}: {note}", flush=True)
         groups = task.param_groups(module)
         optimizer, scheduler = build_optimizer(groups, cfg.optim, cfg.global_batch, warmup_steps, self.total_steps)
         self.first_group_scale = groups[0]["lr_scale"]  # logs show the peak (scale 1) lr
-        bf16 = cfg.precision is Precision.bf16 or (cfg.precision is Precision.auto and on_gpu)
+        self.bf16 = bf16 = cfg.precision is Precision.bf16 or (cfg.precision is Precision.auto and on_gpu)
         self.engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer,
             lr_scheduler=scheduler, config=deepspeed_config(cfg, self.accumulation, bf16, bool(resume and resume.elastic)),
@@ -148,7 +165,7 @@ class Trainer:
 
     def _loader(self, seed: int, state) -> DaliLoader:
         data = dataclasses.replace(self.cfg.data, batch_size=self.cfg.micro_batch, seed=seed)
-        return DaliLoader(data, self.env.rank, self.env.world_size, self.env.local_rank, train=True, state=state)
+        return self.loader_class(data, self.env.rank, self.env.world_size, self.env.local_rank, train=True, state=state)
 
     def _restore(self, point: ResumePoint) -> DaliLoader:
         client = self.checkpointer.load(self.engine, point)
@@ -182,7 +199,8 @@ class Trainer:
 
     def _validate(self, log: MetricsLog) -> None:
         self.engine.module.eval()
-        with torch.no_grad():
+        # under the training step's precision: what is validated is what is trained
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             metrics = self.task.validate(self.engine.module, self.cfg, self.env, self.device, self.step)
         self.engine.module.train()
         if metrics:

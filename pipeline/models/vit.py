@@ -29,6 +29,16 @@ def transformer_blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_
                          for rate in rates)
 
 
+def compile_blocks(module: nn.Module) -> int:
+    """torch.compile every transformer block of `module` in place; returns how many. Block by
+    block: the code between blocks (masking, gathers, noise, losses) stays eager, so its shape
+    changes cause no recompiles, and the blocks of one width share one compiled graph."""
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 class ViTTrunk(nn.Module):
     """Patch embedding, CLS token, position embedding and encoder blocks, plus the pixel
     normalization and optional activation checkpointing."""

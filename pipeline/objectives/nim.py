@@ -52,14 +52,17 @@ class NIM:
             return cfg.uniform_low + (cfg.uniform_high - cfg.uniform_low) * torch.rand(n, generator=generator, device=device)
         return torch.full((n,), cfg.fixed_sigma, device=device)
 
-    def __call__(self, model: MaskedAutoencoder, images01: torch.Tensor, generator: torch.Generator) -> ObjectiveOutput:
+    def __call__(self, model: MaskedAutoencoder, images01: torch.Tensor, generator: torch.Generator,
+                 with_denoised: bool = False) -> ObjectiveOutput:
+        """The loss; `with_denoised` also returns the reconstruction in [0, 1] pixels (for
+        inspection and deployment only: training never reads it, so it is not computed there)."""
         sigma = self.sample_sigma(images01.shape[0], generator, images01.device)
         noisy = images01 + (sigma / 255).view(-1, 1, 1, 1) * gaussian_like(images01, generator)
         noise = mask_noise(images01, model, generator) if self.cfg.mask_ratio > 0 else None
         out = model(model.normalize(noisy), noise, self.cfg.mask_ratio)
         target = pixel_target(model, images01, self.norm_pix_loss)
         loss = patch_losses(out.pred, target).mean()
-        denoised = reconstruct_image(model, out.pred.detach(), images01, self.norm_pix_loss)
+        denoised = reconstruct_image(model, out.pred.detach(), images01, self.norm_pix_loss) if with_denoised else None
         return ObjectiveOutput(loss, {"loss": loss.detach(), "sigma_mean": sigma.mean()}, denoised)
 
 

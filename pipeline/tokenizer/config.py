@@ -75,7 +75,6 @@ class TokenizerConfig(EngineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.check_model_input(None, self.model.in_channels)
         if self.loss.adaptive_adversarial_weight and self.zero_stage == 3:
             # The factor differentiates with respect to the decoder's last weight, which ZeRO-3
             # keeps partitioned outside that layer's own forward and backward.

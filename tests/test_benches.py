@@ -1,0 +1,39 @@
+"""The GPU check's code path at toy scale on this CPU, and the dry run's memory estimate."""
+
+import subprocess
+import sys
+
+from robustmim.config import load_config
+from pipeline.engine.config import PretrainConfig
+from slurm.launch import estimate_memory
+
+from conftest import REPO_ROOT
+
+
+def test_gpu_check_runs_every_section_at_toy_scale(tmp_path):
+    out = tmp_path / "table.md"
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--smoke", "--out", str(out)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = out.read_text()
+    for what in ("| pretrain, model only | mae | micro 16, fp32, eager |",
+                 "| pretrain, robustmim engine | mae | micro 16 x 2, ZeRO-1, fp32 |",
+                 "| eval | CERTIFY | N 200", "| eval | PGD-2 |", "| eval | PGD-2 EOT-2 |", "| loader | DALI |"):
+        assert what in table, (what, table)
+    assert "failed" not in table and "not run" not in table
+    engine = next(line for line in table.splitlines() if "robustmim engine" in line)
+    assert float(engine.split("|")[4].replace(",", "")) > 0  # images/s from the Trainer's own log
+
+
+def test_the_memory_estimate_counts_one_micro_batch_of_activations():
+    def estimate(name, *overrides):
+        cfg = load_config(PretrainConfig, REPO_ROOT / f"configs/pretrain/{name}_vitl_in1k.yaml", list(overrides))
+        return estimate_memory(cfg, world_size=8)
+
+    mae, double = estimate("mae"), estimate("mae", "micro_batch=512")
+    assert mae.micro_batch == 256 and double.activations_gb == 2 * mae.activations_gb
+    assert estimate("mae", "activation_checkpointing=true").activations_gb is None  # not estimated then
+    nim = estimate("nim")  # every patch through the encoder: more per image, half the micro-batch
+    assert nim.activations_gb / nim.micro_batch > 1.5 * mae.activations_gb / mae.micro_batch
+    assert mae.total_gb < 80 and nim.total_gb < 80  # the shipped micro-batches are meant for an 80 GB card
+    assert "activations ~" in mae.describe() and "micro-batch 256, bf16" in mae.describe()
