@@ -126,7 +126,15 @@ def test_export_of_zero3_equals_zero1_and_needs_no_world_size(tmp_path, referenc
     one, three = load_file(tmp_path / "zero1.safetensors"), load_file(tmp_path / "zero3.safetensors")
     assert set(one) == set(three) and "decoder_pred.weight" in one and "pos_embed" in one
     for key in one:
-        assert torch.allclose(one[key], three[key], atol=1e-5), key
+        a, b = one[key], three[key]
+        if key.endswith("attn.qkv.bias"):
+            # The key bias adds the same score to every key of a query, which softmax ignores: its
+            # gradient is zero but for rounding, and Adam scales that noise up to steps of ~lr, so the
+            # stages' different summation orders show there. Queries' and values' biases agree.
+            width = a.shape[0] // 3
+            assert torch.allclose(a[width:2 * width], b[width:2 * width], atol=1e-4), key
+            a, b = torch.cat([a[:width], a[2 * width:]]), torch.cat([b[:width], b[2 * width:]])
+        assert torch.allclose(a, b, atol=1e-5), key
 
 
 LIVE_WEIGHTS_SCRIPT = """
