@@ -70,6 +70,9 @@ def launch_local_ranks(stage: str, nproc_per_node: int, config: str | None, over
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
         return child.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the whole process group: let the ranks finish exiting
+        child.wait()
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
