@@ -11,7 +11,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test bench bench-gpu gpu-wheels lock fashion-mnist clean
+.PHONY: install demo study test bench bench-gpu gpu-wheels lock fashion-mnist clean
 
 install: $(VENV)/.installed
 
@@ -75,6 +75,26 @@ demo: install fashion-mnist
 	@echo "  classifiers:  $(DEMO_DIR)/classifiers/*_tiny.safetensors (+ .json: how to rebuild the deployed model)"
 	@echo "  evaluations:  $(DEMO_DIR)/eval/*/ (records.jsonl, summary.json; certify.tsv for DMAE)"
 	@echo "  report:       $(DEMO_DIR)/report/report.md (the table above) and its PNG plots"
+
+# The papers' claims as controlled pairs on the demo's models (after `make demo`, which it resumes):
+# adds the control arms (the DMAE and MIMIR recipes from the MAE encoder), evaluates them, runs
+# the APGD cascade on both MIMIR arms, then compares each pair with an exact McNemar test on the
+# same test images and writes docs/results.md (+ results.json and the plots in docs/results/).
+STUDY_DIR := $(DEMO_DIR)/study
+study: demo
+	set -e; for r in dmae mimir; do \
+	  $(RUN) finetune --config configs/finetune/$${r}_tiny_fmnist.yaml --nproc-per-node 2 \
+	    run_dir=$(STUDY_DIR)/finetune_$${r}_from_mae data.shards=$(DEMO_DIR)/shards init=$(DEMO_DIR)/mae_tiny.safetensors; \
+	  $(RUN) export $(STUDY_DIR)/finetune_$${r}_from_mae --out $(STUDY_DIR)/classifiers/$${r}_from_mae_tiny.safetensors; \
+	done
+	$(RUN) eval --config configs/eval/tiny_fmnist.yaml --nproc-per-node 2 certify.enabled=true \
+	  --model $(STUDY_DIR)/classifiers/dmae_from_mae_tiny.json --data $(DEMO_DIR)/shards --out $(STUDY_DIR)/eval/dmae_from_mae
+	set -e; for model in $(DEMO_DIR)/classifiers/mimir_tiny $(STUDY_DIR)/classifiers/mimir_from_mae_tiny; do \
+	  name=$$(basename $$model _tiny); \
+	  $(RUN) eval --config configs/eval/tiny_fmnist.yaml --nproc-per-node 2 autoattack.enabled=true \
+	    --model $$model.json --data $(DEMO_DIR)/shards --out $(STUDY_DIR)/eval/$$name; \
+	done
+	$(RUN) study --config configs/study/tiny_fmnist.yaml runs=$(DEMO_DIR) out=docs/results.md "produced_by=make study"
 
 test: install fashion-mnist
 	$(BIN)/python -m pytest -q

@@ -71,3 +71,23 @@ def run_report(args: argparse.Namespace) -> int:
     table = write_report(args.eval_dirs, args.out)
     print(table)
     return 0
+
+
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="study YAML (configs/study/*.yaml): claims with two arms each")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. out=results.md alpha=0.01")
+
+
+def run_study_command(args: argparse.Namespace) -> int:
+    from robustmim.config import load_config
+    from eval.study import StudyConfig, run_study
+
+    cfg = load_config(StudyConfig, args.config, args.overrides)
+    results = run_study(cfg)
+    for name, rows in results.items():
+        for row in rows:
+            print(f"{name}: {row['label']}: {100 * row['treatment']['accuracy']:.1f} vs "
+                  f"{100 * row['control']['accuracy']:.1f} ({100 * row['difference']:+.1f} pts, "
+                  f"p={row['p_value']:.3g}): {row['verdict']}")
+    print(f"study: {cfg.out}")
+    return 0

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+from eval.summary import accuracy
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_text
 
@@ -23,7 +24,13 @@ def load_summary(eval_dir: str | Path) -> dict:
 
 
 def percent(entry: dict | None) -> str:
-    return "–" if not entry or entry.get("accuracy") is None else f"{100 * entry['accuracy']:.1f}"
+    """An accuracy in %, with its 95% interval when known: 85.2 [82.0, 88.1]."""
+    if not entry or entry.get("accuracy") is None:
+        return "–"
+    if not entry.get("ci95"):
+        return f"{100 * entry['accuracy']:.1f}"
+    low, high = entry["ci95"]
+    return f"{100 * entry['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 ATTACK_NAMES = {"pgd": "PGD", "apgdce": "APGD-CE", "apgdt": "APGD-T", "aa": "APGD-CE+T"}
@@ -34,7 +41,9 @@ def attack_label(name: str) -> str:
     kind_steps, norm, loss, eps = name.split("_")
     kind, steps = re.fullmatch(r"([a-z]+)(\d+)", kind_steps).groups()
     epsilon = float(eps[3:])
-    value = f"{epsilon * 255:.3g}/255" if norm == "linf" else f"{epsilon:g}"
+    in_255ths = epsilon * 255
+    # 8/255-style where epsilon is a whole number of 255ths (ImageNet, CIFAR); 0.05-style otherwise
+    value = f"{round(in_255ths)}/255" if norm == "linf" and abs(in_255ths - round(in_255ths)) < 0.01 else f"{epsilon:g}"
     return f"{ATTACK_NAMES.get(kind, kind)}-{steps} {'L∞' if norm == 'linf' else 'L2'} ε={value} ({loss})"
 
 
@@ -44,8 +53,9 @@ def summary_row(summary: dict) -> dict[str, str]:
         row[attack_label(name)] = percent(entry)
     certify = summary.get("certify")
     if certify:
+        n = summary["samples"]
         for radius, value in certify["certified_accuracy"].items():
-            row[f"cert. r={radius} (σ={certify['sigma']:g})"] = f"{100 * value:.1f}"
+            row[f"cert. r={radius} (σ={certify['sigma']:g})"] = percent(accuracy(round(value * n), n))
     if summary.get("predict"):
         row["PREDICT"] = percent(summary["predict"])
     return row
@@ -114,7 +124,7 @@ def write_report(eval_dirs: list[str], out_dir: str | Path) -> str:
         summaries.append((Path(eval_dir).name, load_summary(eval_dir)))
     table = markdown_table([(label, summary_row(s)) for label, s in summaries])
     plots = write_plots(summaries, out)
-    notes = ["", "Accuracies in %, over `n` samples; randomized models are attacked end to end with EOT and "
+    notes = ["", "Accuracies in %, over `n` samples, with 95% Clopper-Pearson intervals; randomized models are attacked end to end with EOT and "
              "scored by a majority of noise draws; certified accuracy counts abstentions as wrong.",
              *[f"![{p.stem}]({p.name})" for p in plots]]
     atomic_write_text(out / "report.md", "# Robustness report\n\n" + table + "\n".join(notes) + "\n")

@@ -28,6 +28,8 @@ STAGES = {
              "robustness of a classifier export: clean, PGD (EOT for randomized defenses), CERTIFY / PREDICT"),
     "report": ("eval.cli", "add_report_arguments", "run_report",
                "one markdown table and PNG plots from several evaluations"),
+    "study": ("eval.cli", "add_study_arguments", "run_study_command",
+              "the papers' claims as paired comparisons of evaluations (exact McNemar tests, verdicts, plots)"),
     "submit": ("slurm.cli", "add_submit_arguments", "run_submit",
                "send a stage to Slurm (or the local executor) through submitit"),
     "status": ("slurm.cli", "add_status_arguments", "run_status", "show a run's jobs, last step and checkpoint"),

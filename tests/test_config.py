@@ -62,7 +62,7 @@ def test_values_checked_by_the_dataclass(override, message):
 @pytest.mark.parametrize("stage, override, message", [
     ("pretrain", "data=5", r"override 'data=5': 'data' is a section of settings, not a value; set its keys instead "
                            r"\(data.shards, "),
-    ("pretrain", "model.img_size=32", "data.image_size 28 differs from model.img_size 32"),
+    ("pretrain", "model.img_size=35", "data.image_size 28 differs from model.img_size 35"),
     ("pretrain", "data.channels=3", "data.channels 3 differs from model.in_chans 1"),
     ("finetune", "data.image_size=32", "data.image_size 32 differs from model.img_size 28"),
 ])
