@@ -48,7 +48,12 @@ def attack_label(name: str) -> str:
 
 
 def summary_row(summary: dict) -> dict[str, str]:
-    row = {"method": summary["method"], "n": str(summary["samples"]), "clean": percent(summary.get("clean"))}
+    trained = summary.get("trained") or {}
+    row = {"method": summary["method"]}
+    if trained:  # which encoder and how many fine-tuning images: what a comparison must hold equal
+        row["init"] = Path(trained["init"]).stem if trained.get("init") else "scratch"
+        row["fine-tuned on"] = str(trained.get("samples_seen", "?"))
+    row.update({"n": str(summary["samples"]), "clean": percent(summary.get("clean"))})
     for name, entry in sorted(summary.get("attacks", {}).items(), key=lambda kv: (kv[1]["norm"], kv[1]["epsilon"])):
         row[attack_label(name)] = percent(entry)
     certify = summary.get("certify")

@@ -26,7 +26,7 @@ from pipeline.data.shardset import open_shards
 from pipeline.models.deployed import DefenseKind, load_deployed, read_spec
 from eval.apgd import autoattack
 from eval.attacks import pgd_attack
-from eval.certify import ABSTAIN, certify, predict
+from eval.certify import ABSTAIN, certify, largest_certifiable_radius, predict
 from eval.config import EvalConfig
 from pipeline.engine.config import Precision
 from eval.model import EvalModel
@@ -106,7 +106,14 @@ def write_plan(cfg: EvalConfig, check_previous: bool = True) -> dict:
             "certify_sigma": certify_sigma(cfg, spec), "shards": str(cfg.shards), "split": cfg.split,
             "split_size": shards.total, "seed": cfg.seed, "radii": list(cfg.certify.radii),
             "indices": selected_indices(shards.total, cfg.every_nth, cfg.max_samples),
-            "record_settings": settings, "settings_digest": settings_digest(settings)}
+            "record_settings": settings, "settings_digest": settings_digest(settings),
+            "trained": {k: spec.trained[k] for k in ("init", "samples_seen", "step") if k in spec.trained}}
+    if check_previous and cfg.certify.enabled and plan["certify_sigma"]:
+        reach = largest_certifiable_radius(plan["certify_sigma"], cfg.certify.n, cfg.certify.alpha)
+        beyond = [r for r in cfg.certify.radii if r > reach]
+        if beyond:
+            print(f"eval: warning: with certify.n={cfg.certify.n} and alpha={cfg.certify.alpha} no radius above "
+                  f"{reach:.3f} can be certified at sigma {plan['certify_sigma']:g}; radii {beyond} will read 0")
     out = Path(cfg.out_dir)
     previous = out / PLAN
     if check_previous and previous.is_file():

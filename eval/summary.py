@@ -25,7 +25,8 @@ def certified_accuracy(records: list[dict], radius: float) -> float:
 
 def summarize(records: list[dict], plan: dict) -> dict:
     summary = {"model": plan["model"], "method": plan["method"], "defense": plan["defense"],
-               "split": plan["split"], "samples": len(records), "seed": plan["seed"]}
+               "split": plan["split"], "samples": len(records), "seed": plan["seed"],
+               "trained": plan.get("trained", {})}
     if records and "clean" in records[0]:
         summary["clean"] = accuracy(sum(r["clean"]["correct"] for r in records), len(records))
     attacks = {}

@@ -5,6 +5,7 @@ after a real Slurm array job: tests/test_slurm.py.)"""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 
@@ -24,7 +25,7 @@ from pipeline.models.classifier import ViTClassifier
 from pipeline.models.deployed import DefenseKind, DeploymentSpec
 from eval.apgd import autoattack, checkpoints
 from eval.attacks import pgd_attack
-from eval.certify import ABSTAIN, certify, clopper_pearson_lower, predict
+from eval.certify import ABSTAIN, certify, clopper_pearson_lower, largest_certifiable_radius, predict
 from eval.config import AutoAttackConfig, PGDConfig
 from eval.model import EvalModel
 from eval.records import merge_records, rank_file
@@ -40,7 +41,7 @@ def export_classifier(model: nn.Module, folder, name: str, defense: DefenseKind,
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / f"{name}.safetensors"))
     spec = DeploymentSpec(method="standard", weights=f"{name}.safetensors", classifier=model.cfg, defense=defense,
-                          sigma=sigma)
+                          sigma=sigma, trained={"init": "", "samples_seen": TRAIN_STEPS * 64, "step": TRAIN_STEPS})
     (folder / f"{name}.json").write_text(json.dumps(OmegaConf.to_container(OmegaConf.structured(spec),
                                                                            enum_to_str=True)))
     return folder / f"{name}.json"
@@ -266,6 +267,18 @@ def test_certify_recovers_the_linear_classifiers_radius_within_the_bounds_slack(
         assert sigma * norm.ppf(max(p_a - slack, 0.5)) <= cert.radius <= distance + 1e-9, (distance, cert)
 
 
+def test_the_largest_certifiable_radius_is_what_a_unanimous_vote_certifies():
+    w = torch.ones(16)
+    x = torch.full((16,), 0.5)
+    far = Linear2(w, -(x @ w) + 1e6)  # every noisy copy votes for class 1
+    for sigma, n, alpha in ((0.25, 500, 0.001), (0.5, 2000, 0.01)):
+        gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+        cert = certify(far, x.view(1, 4, 4), sigma, 50, n, alpha, 250, *gens, num_classes=2)
+        assert cert.count == n
+        assert cert.radius == pytest.approx(largest_certifiable_radius(sigma, n, alpha), rel=1e-9)
+    assert largest_certifiable_radius(0.25, 500, 0.001) == pytest.approx(0.5513, abs=1e-4)
+
+
 def test_abstention_on_the_boundary_and_predict_s_binomial_test():
     w = torch.ones(16)
     x = torch.full((16,), 0.5)
@@ -405,7 +418,8 @@ def test_report_puts_models_in_one_table_with_plots(trained, one_rank, tmp_path)
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "| one_rank | standard | 40 |" in report and "| plain | standard | 40 |" in report
+    for label in ("one_rank", "plain"):  # the encoder and the fine-tuning budget sit beside the method
+        assert re.search(rf"\| {label} \| standard \| scratch \| {TRAIN_STEPS * 64} \| 40 \| \d+\.\d \[", report), report
     assert "PGD-3 L∞ ε=4/255 (ce)" in report and "cert. r=0.5 (σ=0.25)" in report
     for plot in ("certified_accuracy.png", "accuracy_vs_epsilon_linf.png"):
         assert (tmp_path / "report" / plot).stat().st_size > 1000

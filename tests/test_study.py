@@ -127,3 +127,29 @@ def test_arms_on_different_images_or_without_the_metric_are_refused(tmp_path):
     with pytest.raises(UserError, match=f"no metric 'aa100_linf_cascade_eps0.05'.*clean, {PGD}"):
         compare_claim(ClaimConfig(name="x", treatment=str(tmp_path / "a"), control=str(tmp_path / "a"),
                                   metrics=["aa100_linf_cascade_eps0.05"]), 0.05)
+
+
+@pytest.mark.parametrize("study, evaluation, finetune", [("tiny_fmnist", "tiny_fmnist", "dmae_tiny_fmnist"),
+                                                         ("vitl_in1k", "imagenet", "dmae_vitl_in1k")])
+def test_each_study_metric_is_one_its_evaluation_config_records(study, evaluation, finetune):
+    """The study configs name record keys by hand; each must be one the matching eval config makes,
+    and each certified radius one that CERTIFY can reach with its n and alpha at the DMAE recipe's sigma."""
+    from eval.certify import largest_certifiable_radius
+    from eval.config import EvalConfig
+    from eval.study import CERTIFIED_PREFIX, StudyConfig
+    from pipeline.finetune.config import FinetuneConfig
+    from robustmim.config import load_config
+
+    cfg = load_config(StudyConfig, REPO_ROOT / "configs" / "study" / f"{study}.yaml")
+    ev = load_config(EvalConfig, REPO_ROOT / "configs" / "eval" / f"{evaluation}.yaml")
+    sigma = load_config(FinetuneConfig, REPO_ROOT / "configs" / "finetune" / f"{finetune}.yaml").recipe.dmae.sigma
+    reach = largest_certifiable_radius(sigma, ev.certify.n, ev.certify.alpha)
+    recorded = {"clean", *(a.name(e) for a in ev.attacks for e in a.epsilons), ev.autoattack.name("aa")}
+    assert len(cfg.claims) == 4
+    for claim in cfg.claims:
+        assert claim.treatment != claim.control and claim.metrics
+        for metric in claim.metrics:
+            if metric.startswith(CERTIFIED_PREFIX):
+                assert 0 < float(metric[len(CERTIFIED_PREFIX):]) < reach, (metric, reach)
+            else:
+                assert metric in recorded, (claim.name, metric, sorted(recorded))
