@@ -36,14 +36,18 @@ def percent(entry: dict | None) -> str:
 ATTACK_NAMES = {"pgd": "PGD", "apgdce": "APGD-CE", "apgdt": "APGD-T", "aa": "APGD-CE+T"}
 
 
+def in_255ths(epsilon: float) -> bool:
+    """Whether epsilon is a whole number of 255ths (ImageNet's and CIFAR's 8/255 style), so it
+    reads best that way; other values (Fashion-MNIST's 0.05, 0.1) read as they are."""
+    return abs(epsilon * 255 - round(epsilon * 255)) < 0.01
+
+
 def attack_label(name: str) -> str:
     """pgd10_linf_ce_eps0.03137 -> PGD-10 L∞ ε=8/255 (ce); aa100_... -> APGD-CE+T-100 ..."""
     kind_steps, norm, loss, eps = name.split("_")
     kind, steps = re.fullmatch(r"([a-z]+)(\d+)", kind_steps).groups()
     epsilon = float(eps[3:])
-    in_255ths = epsilon * 255
-    # 8/255-style where epsilon is a whole number of 255ths (ImageNet, CIFAR); 0.05-style otherwise
-    value = f"{round(in_255ths)}/255" if norm == "linf" and abs(in_255ths - round(in_255ths)) < 0.01 else f"{epsilon:g}"
+    value = f"{round(epsilon * 255)}/255" if norm == "linf" and in_255ths(epsilon) else f"{epsilon:g}"
     return f"{ATTACK_NAMES.get(kind, kind)}-{steps} {'L∞' if norm == 'linf' else 'L2'} ε={value} ({loss})"
 
 
@@ -106,10 +110,12 @@ def write_plots(summaries: list[tuple[str, dict]], out: Path) -> list[Path]:
         if not curves:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
+        per_255 = norm == "linf" and all(in_255ths(e) for _, points in curves for e, _ in points)
         for label, points in curves:
             eps, acc = zip(*points)
-            ax.plot([e * 255 if norm == "linf" else e for e in eps], [100 * a for a in acc], marker="o", label=label)
-        ax.set(xlabel="ε (/255)" if norm == "linf" else "ε (L2)", ylabel="accuracy (%)", title=f"PGD, {symbol}")
+            ax.plot([e * 255 if per_255 else e for e in eps], [100 * a for a in acc], marker="o", label=label)
+        ax.set(xlabel="ε (/255)" if per_255 else f"ε ({symbol}, [0, 1] pixels)", ylabel="accuracy (%)",
+               title=f"PGD, {symbol}")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
