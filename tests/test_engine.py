@@ -137,6 +137,20 @@ def test_export_of_zero3_equals_zero1_and_needs_no_world_size(tmp_path, referenc
         assert torch.allclose(a, b, atol=1e-5), key
 
 
+
+def test_exporting_the_same_checkpoint_again_leaves_the_file_untouched(tmp_path, references):
+    """safetensors orders its metadata differently in each process, so a rewrite would change the
+    bytes; an evaluation resumed after a re-export (`make demo` run twice) checks those bytes."""
+    out = tmp_path / "mae.safetensors"
+    export_checkpoint(references[1], out)
+    first = (out.read_bytes(), out.stat().st_mtime_ns, out.stat().st_ino)
+    again = subprocess.run([ROBUSTMIM, "export", str(references[1]), "--out", str(out)], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out.read_bytes(), out.stat().st_mtime_ns, out.stat().st_ino) == first
+    export_checkpoint(references[3], out)  # another checkpoint (the ZeRO-3 run) does replace it
+    assert out.read_bytes() != first[0]
+
 LIVE_WEIGHTS_SCRIPT = """
 import sys, deepspeed
 from safetensors.torch import save_file

@@ -75,10 +75,29 @@ def fill_fixed_embeddings(state: dict[str, torch.Tensor], model_config: dict | N
     return missing
 
 
+def holds_the_same(out: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
+    """Whether `out` already holds exactly these tensors and metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(out), "pt") as existing:
+            return (existing.metadata() == metadata and set(existing.keys()) == set(state)
+                    and all(torch.equal(existing.get_tensor(k), v.detach().cpu()) for k, v in state.items()))
+    except (OSError, SafetensorError):
+        return False
+
+
 def save_safetensors(state: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
-    """Write under a temporary name, then rename: a reader never sees half a file."""
+    """Write under a temporary name, then rename: a reader never sees half a file.
+
+    An export already holding the same tensors and metadata is left untouched: safetensors
+    writes its metadata in an order that changes from process to process, so a rewrite would
+    change the file's bytes (and sha256) without changing the model, and evaluations recorded
+    against that sha256 (a re-run `make demo` re-exports every stage) could no longer resume."""
     from safetensors.torch import save_file
 
+    if out.is_file() and holds_the_same(out, state, metadata):
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     save_file(state, str(tmp), metadata=metadata)
