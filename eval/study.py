@@ -93,10 +93,9 @@ def outcomes(record: dict, metric: str) -> bool | None:
     if metric == "clean":
         return record["clean"]["correct"] if "clean" in record else None
     if metric.startswith(CERTIFIED_PREFIX):
-        if "certify" not in record:
-            return None
-        cert = record["certify"]
-        return bool(cert["correct"] and cert["radius"] >= float(metric[len(CERTIFIED_PREFIX):]))
+        from eval.summary import certified_at
+
+        return certified_at(record, float(metric[len(CERTIFIED_PREFIX):])) if "certify" in record else None
     entry = record.get("attacks", {}).get(metric)
     return None if entry is None else entry["correct"]
 

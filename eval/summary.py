@@ -17,10 +17,13 @@ def accuracy(correct: int, total: int) -> dict:
     return {"accuracy": correct / total, "correct": correct, "n": total, "ci95": [low, high]}
 
 
+def certified_at(record: dict, radius: float) -> bool:
+    """Whether the sample is predicted correctly with a certified radius >= r (abstain = wrong)."""
+    return bool(record["certify"]["correct"] and record["certify"]["radius"] >= radius)
+
+
 def certified_accuracy(records: list[dict], radius: float) -> float:
-    """Fraction of samples predicted correctly with a certified radius >= r (abstain = wrong)."""
-    hits = sum(1 for r in records if r["certify"]["correct"] and r["certify"]["radius"] >= radius)
-    return hits / len(records)
+    return sum(certified_at(r, radius) for r in records) / len(records)
 
 
 def summarize(records: list[dict], plan: dict) -> dict:
