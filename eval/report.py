@@ -80,6 +80,19 @@ def markdown_table(rows: list[tuple[str, dict[str, str]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pgd_curves(summaries: list[tuple[str, dict]], norm: str) -> list[tuple[str, list[tuple[float, float]]]]:
+    """Per run, (ε, accuracy) under PGD in `norm`, from clean (ε 0) up. PGD only: an APGD point at
+    one ε beside the PGD points would read as a jump of the curve."""
+    curves = []
+    for label, s in summaries:
+        points = sorted((a["epsilon"], a["accuracy"]) for a in s.get("attacks", {}).values()
+                        if a["norm"] == norm and a.get("attack", "pgd") == "pgd")
+        if points:
+            clean = s.get("clean", {}).get("accuracy")
+            curves.append((label, ([(0.0, clean)] if clean is not None else []) + points))
+    return curves
+
+
 def write_plots(summaries: list[tuple[str, dict]], out: Path) -> list[Path]:
     import matplotlib
 
@@ -101,12 +114,7 @@ def write_plots(summaries: list[tuple[str, dict]], out: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=120, bbox_inches="tight")
         plt.close(fig)
     for norm, symbol in (("linf", "L∞"), ("l2", "L2")):
-        curves = []
-        for label, s in summaries:
-            points = sorted((a["epsilon"], a["accuracy"]) for a in s.get("attacks", {}).values() if a["norm"] == norm)
-            if points:
-                clean = s.get("clean", {}).get("accuracy")
-                curves.append((label, ([(0.0, clean)] if clean is not None else []) + points))
+        curves = pgd_curves(summaries, norm)
         if not curves:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))

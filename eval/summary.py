@@ -36,6 +36,7 @@ def summarize(records: list[dict], plan: dict) -> dict:
     for name in records[0].get("attacks", {}) if records else []:
         eps = name.rsplit("_eps", 1)[1]
         attacks[name] = {**accuracy(sum(r["attacks"][name]["correct"] for r in records), len(records)),
+                         "attack": name.split("_")[0].rstrip("0123456789"),  # pgd, apgdce, apgdt, aa
                          "epsilon": float(eps), "norm": name.split("_")[1],
                          "max_distance": max(r["attacks"][name]["distance"] for r in records)}
     if attacks:

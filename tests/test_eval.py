@@ -423,3 +423,24 @@ def test_report_puts_models_in_one_table_with_plots(trained, one_rank, tmp_path)
     assert "PGD-3 L∞ ε=4/255 (ce)" in report and "cert. r=0.5 (σ=0.25)" in report
     for plot in ("certified_accuracy.png", "accuracy_vs_epsilon_linf.png"):
         assert (tmp_path / "report" / plot).stat().st_size > 1000
+
+
+def test_accuracy_vs_epsilon_curves_hold_pgd_only():
+    """An APGD cascade at one ε sits in the table, not on the PGD curve it would seem to bend."""
+    from eval.report import pgd_curves
+    from eval.summary import summarize
+
+    def record(i):
+        attacks = {"pgd10_linf_ce_eps0.05": {"correct": i % 2 == 0, "distance": 0.05},
+                   "pgd10_linf_ce_eps0.1": {"correct": i % 4 == 0, "distance": 0.1},
+                   "aa50_linf_cascade_eps0.05": {"correct": False, "distance": 0.05},
+                   "pgd10_l2_ce_eps1": {"correct": i % 5 == 0, "distance": 1.0}}
+        return {"clean": {"correct": True}, "attacks": attacks}
+
+    plan = {"model": "m", "method": "standard", "defense": "none", "split": "test", "seed": 0}
+    summary = summarize([record(i) for i in range(20)], plan)
+    assert {name: a["attack"] for name, a in summary["attacks"].items()} == {
+        "pgd10_linf_ce_eps0.05": "pgd", "pgd10_linf_ce_eps0.1": "pgd", "aa50_linf_cascade_eps0.05": "aa",
+        "pgd10_l2_ce_eps1": "pgd"}
+    assert pgd_curves([("m", summary)], "linf") == [("m", [(0.0, 1.0), (0.05, 0.5), (0.1, 0.25)])]
+    assert pgd_curves([("m", summary)], "l2") == [("m", [(0.0, 1.0), (1.0, 0.2)])]

@@ -26,6 +26,18 @@ def run_cli(*args):
     return subprocess.run([ROBUSTMIM, *map(str, args)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
 
 
+def job_report(run_dir: Path) -> str:
+    """What a failed assertion on a job's state prints: status, the attempts and each log's tail,
+    so a failure seen once in CI can be read without rerunning it."""
+    parts = [run_cli("status", run_dir).stdout]
+    attempts = run_dir / "attempts.jsonl"
+    if attempts.exists():
+        parts.append(attempts.read_text())
+    for log in sorted((run_dir / "slurm").glob("*/*_log.*")):
+        parts.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+    return "\n".join(parts)
+
+
 def test_two_task_job_all_reduces_over_gloo(slurm_cluster, tmp_path):
     job_id = submit("check", tmp_path, None, [], load_config(SlurmConfig, None, CPU_TASKS), dry_run=False)
     assert wait_finished(job_id, timeout_s=120) == "COMPLETED"
@@ -82,7 +94,8 @@ def test_pretraining_requeued_mid_run_finishes_like_an_uninterrupted_run(slurm_c
         assert time.monotonic() < deadline, "the job made no progress"
         time.sleep(0.2)
     subprocess.run(["scontrol", "requeue", job_id], check=True)
-    assert wait_finished(job_id, timeout_s=300) == "COMPLETED"
+    state = wait_finished(job_id, timeout_s=300)
+    assert state == "COMPLETED", job_report(run_dir)
     attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
     assert [a["restarts"] for a in attempts] == [0, 1]  # started twice, the second time as a requeue
     assert curve(run_dir) == curve(reference)
@@ -172,7 +185,8 @@ def test_time_limit_requeues_and_the_run_finishes_like_an_uninterrupted_run(slur
                                           "max_requeues=10", "cluster=slurm"])
     job_id = submit("pretrain", run_dir, None, overrides, cfg, dry_run=False)
     finish(uninterrupted)
-    assert wait_finished(job_id, timeout_s=600, poll_s=2) == "COMPLETED"
+    state = wait_finished(job_id, timeout_s=600, poll_s=2)
+    assert state == "COMPLETED", job_report(run_dir)
     attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
     requeues = [a for a in attempts if "event" in a]
     assert requeues and all("checkpoint saved; requeued" in a["event"] for a in requeues)
