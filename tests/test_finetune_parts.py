@@ -206,3 +206,33 @@ def test_denoiser_statistics_correct_for_the_known_noise():
     assert error(corrected) < 0.8 * error(naive) < 0.8 * error(noisy)
     assert math.isclose(error(reconstruct_image(model, perfect, clean, True)), 0, abs_tol=1e-3)
     assert torch.equal(denoise(model, noisy, sigma, True), denoise(model, noisy, torch.full((64,), sigma), True))
+
+
+def test_fine_tuning_takes_the_input_normalization_of_its_encoder(tmp_path):
+    """A MIMIR encoder (raw [0, 1] pixels) and an MAE encoder (ImageNet statistics) fine-tuned with the
+    same MIMIR recipe: each classifier normalizes as its own encoder was pretrained."""
+    import json
+
+    from pipeline.finetune.config import FinetuneConfig
+    from pipeline.finetune.task import with_encoder_normalization
+
+    def export(name, mean, std):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"")
+        (tmp_path / f"{name}.json").write_text(json.dumps({"model": {"pixel_mean": mean, "pixel_std": std}}))
+        return str(tmp_path / f"{name}.safetensors")
+
+    raw = load_config(FinetuneConfig, "configs/finetune/mimir_vitl_in1k.yaml", ["init="])
+    assert (raw.model.pixel_mean, raw.model.pixel_std) == ([0.0] * 3, [1.0] * 3)  # MIMIR's convention
+    mae = export("mae", [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    adopted, note = with_encoder_normalization(load_config(FinetuneConfig, "configs/finetune/mimir_vitl_in1k.yaml",
+                                                           [f"init={mae}"]))
+    assert adopted.model.pixel_mean == [0.485, 0.456, 0.406] and adopted.model.pixel_std == [0.229, 0.224, 0.225]
+    assert "mae.json" in note and "pixel_mean [0.485, 0.456, 0.406]" in note
+    mimir = export("mimir", [0.0] * 3, [1.0] * 3)
+    same, note = with_encoder_normalization(load_config(FinetuneConfig, "configs/finetune/mimir_vitl_in1k.yaml",
+                                                        [f"init={mimir}"]))
+    assert note is None and same.model.pixel_mean == [0.0] * 3
+    official = tmp_path / "mae_pretrain_vit_large.pth"  # no JSON beside it: the config's values stand
+    kept, note = with_encoder_normalization(load_config(FinetuneConfig, "configs/finetune/mimir_vitl_in1k.yaml",
+                                                        [f"init={official}"]))
+    assert note is None and kept.model.pixel_mean == [0.0] * 3

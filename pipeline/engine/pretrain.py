@@ -12,6 +12,10 @@ from pipeline.engine.optim import param_groups
 from pipeline.flops import training_flops_per_image
 from pipeline.models.mae import MaskedAutoencoder
 from pipeline.objectives import build_objective
+from pipeline.objectives.config import ObjectiveName
+
+# MIMIR's released runs: the micro-batch its nHSIC penalty saw on each GPU
+MIMIR_MICRO_BATCH = 512
 
 
 class PretrainModule(nn.Module):
@@ -34,6 +38,10 @@ class PretrainTask:
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         self.notes: list[str] = []
+        if cfg.objective.name is ObjectiveName.mimir and cfg.micro_batch < MIMIR_MICRO_BATCH // 4:
+            self.notes.append(f"warning: MIMIR's nHSIC term is computed over each micro-batch; at micro_batch "
+                              f"{cfg.micro_batch} its value is not comparable with MIMIR's runs "
+                              f"({MIMIR_MICRO_BATCH} per GPU)")
 
     def resolve(self, shards: ShardSet) -> PretrainConfig:
         return self.cfg

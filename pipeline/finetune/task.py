@@ -44,6 +44,28 @@ def read_autoencoder_export(path: str | Path) -> tuple[ModelConfig, bool]:
     return config_from_dict(ModelConfig, meta["model"], f"{meta_path}: model"), bool(meta.get("norm_pix_loss", True))
 
 
+def with_encoder_normalization(cfg: FinetuneConfig) -> tuple[FinetuneConfig, Optional[str]]:
+    """The classifier normalizes its inputs as its encoder was pretrained to see them.
+
+    The input convention belongs to the encoder: MIMIR pretrains on raw [0, 1] pixels, MAE, DMAE and
+    NIM on ImageNet-normalized ones, so one fine-tuning recipe (e.g. MIMIR's) run from either
+    encoder must follow the encoder. An export from `robustmim export` records its model's
+    pixel_mean and pixel_std in the JSON beside it; those win over the config's, with a note.
+    Other files (official checkpoints) carry none: the config's values stand.
+    """
+    meta_path = Path(cfg.init).with_suffix(".json") if cfg.init else None
+    if meta_path is None or not meta_path.is_file():
+        return cfg, None
+    pretrained = json.loads(meta_path.read_text()).get("model") or {}
+    mean, std = pretrained.get("pixel_mean"), pretrained.get("pixel_std")
+    if mean is None or std is None or len(mean) != cfg.model.in_chans or (mean, std) == (cfg.model.pixel_mean,
+                                                                                          cfg.model.pixel_std):
+        return cfg, None  # a channel mismatch is reported by the weights' own check
+    note = (f"input normalization from the encoder's pretraining ({meta_path.name}): pixel_mean {mean}, pixel_std "
+            f"{std} (the config had {cfg.model.pixel_mean}, {cfg.model.pixel_std})")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pixel_mean=list(mean), pixel_std=list(std))), note
+
+
 class FinetuneModule(nn.Module):
     """What DeepSpeed wraps: the classifier (`model.*`) and the frozen networks its recipe runs
     the images through: De³'s denoiser, DAT's VQGAN tokenizer."""
@@ -93,7 +115,11 @@ class FinetuneTask:
             raise UserError(f"model.num_classes={classes}, but {cfg.data.shards} has {shards.num_classes} classes")
         if self.validate_every:  # fail now, not at the first validation
             open_shards(cfg.data.shards, cfg.validation.split)
-        self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=classes))
+        cfg, note = with_encoder_normalization(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                                                 num_classes=classes)))
+        if note:
+            self.notes.append(note)
+        self.cfg = cfg
         return self.cfg
 
     def build(self, cfg: FinetuneConfig) -> FinetuneModule:

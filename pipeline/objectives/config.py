@@ -49,8 +49,10 @@ class MIMIRConfig:
     steps: int = 1
     mask_ratio: float = 0.75
     hsic_weight: float = 1e-5
-    hsic_sigma: float = 5.0
-    hsic_eps: float = 1e-5
+    hsic_sigma: float = 5.0  # kernel bandwidth, scaled by the feature dimension
+    hsic_eps: float = 1e-5  # ridge of the resolvent K~ (K~ + eps m I)^-1; must be > 0
+    # nHSIC is computed over each micro-batch (m samples), so its value depends on the micro-batch;
+    # MIMIR's runs used 512 per GPU. Pretraining warns when the micro-batch is under a quarter of that.
 
 
 @dataclass
@@ -67,6 +69,9 @@ class ObjectiveConfig:
             ratio = getattr(self, name).mask_ratio
             if not 0 <= ratio < 1:
                 raise ValueError(f"{name}.mask_ratio must be in [0, 1), got {ratio}")
+        if self.mimir.hsic_eps <= 0 or self.mimir.hsic_sigma <= 0:
+            raise ValueError(f"mimir.hsic_eps and mimir.hsic_sigma must be > 0, got {self.mimir.hsic_eps} and "
+                             f"{self.mimir.hsic_sigma}")
         if self.mimir.steps < 1 or self.mimir.epsilon < 0:
             raise ValueError("mimir.steps must be >= 1 and mimir.epsilon >= 0")
         if self.dmae.sigma < 0 or self.nim.gamma_shape <= 0 or self.nim.gamma_scale <= 0:
