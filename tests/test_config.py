@@ -89,7 +89,7 @@ def test_shipped_configs_load():
 
     shards = sorted((REPO_ROOT / "configs" / "shards").glob("*.yaml"))
     pretrain = sorted((REPO_ROOT / "configs" / "pretrain").glob("*.yaml"))
-    assert len(shards) == 2 and len(pretrain) == 8
+    assert len(shards) == 2 and len(pretrain) == 11  # 4 tiny, 4 ViT-L, NIM ViT-B, MIMIR ViT-B and ViT-S
     for path in shards:
         load_config(ShardsConfig, path, ["out=/x"])
     for path in pretrain:
@@ -101,11 +101,48 @@ def test_shipped_finetune_configs_load_with_their_recipe():
     from pipeline.finetune.config import FinetuneConfig
 
     finetune = sorted((REPO_ROOT / "configs" / "finetune").glob("*.yaml"))
-    assert len(finetune) == 10  # five recipes, each tiny and ImageNet ViT-L
+    assert len(finetune) == 13  # five recipes, each tiny and ImageNet ViT-L; De3 ViT-B, MIMIR ViT-B and ViT-S
     for path in finetune:
         cfg = load_config(FinetuneConfig, path)
         assert cfg.recipe.name.value == path.name.split("_")[0]
         assert cfg.init, path  # every shipped recipe starts from a pretrained encoder
+
+
+def test_paper_scale_configs_are_the_papers_main_table_settings():
+    """NIM's main table is ViT-B; MIMIR's ImageNet table ViT-S and ViT-B (raw [0, 1] pixels, 512
+    images per GPU for its nHSIC term). Each header names what it reproduces."""
+    from pipeline.engine.config import PretrainConfig
+    from pipeline.finetune.config import FinetuneConfig
+
+    nim = load_config(PretrainConfig, REPO_ROOT / "configs" / "pretrain" / "nim_vitb_in1k.yaml")
+    assert (nim.model.encoder, nim.model.decoder, nim.global_batch, nim.length.epochs) == (
+        "vit_base_patch16", "mae", 4096, 800)
+    assert (nim.objective.nim.gamma_shape, nim.objective.nim.gamma_scale, nim.objective.nim.mask_ratio) == (25, 3, 0)
+    de3 = load_config(FinetuneConfig, REPO_ROOT / "configs" / "finetune" / "de3_vitb_in1k.yaml")
+    assert (de3.model.encoder, de3.length.epochs, de3.optim.layer_decay, de3.recipe.de3.deploy_sigma) == (
+        "vit_base_patch16", 100, 0.75, 70.0)
+    for size, encoder, published in (("s", "vit_small_patch16", "71.29 / 40.98"), ("b", "vit_base_patch16",
+                                                                                    "73.22 / 41.26")):
+        path = REPO_ROOT / "configs" / "pretrain" / f"mimir_vit{size}_in1k.yaml"
+        mimir = load_config(PretrainConfig, path)
+        assert (mimir.model.encoder, mimir.model.decoder, mimir.global_batch, mimir.micro_batch) == (
+            encoder, "mimir", 2048, 512)
+        assert (mimir.model.pixel_mean, mimir.model.pixel_std) == ([0.0] * 3, [1.0] * 3)
+        tuned_path = REPO_ROOT / "configs" / "finetune" / f"mimir_vit{size}_in1k.yaml"
+        tuned = load_config(FinetuneConfig, tuned_path)
+        assert (tuned.model.encoder, tuned.optim.layer_decay, tuned.recipe.mimir.steps) == (encoder, 0.65, 1)
+        assert published in path.read_text() and published in tuned_path.read_text()
+
+
+def test_shipped_eval_configs_load():
+    from eval.config import EvalConfig
+
+    evals = sorted((REPO_ROOT / "configs" / "eval").glob("*.yaml"))
+    assert len(evals) >= 3
+    for path in evals:
+        load_config(EvalConfig, path)
+    mimir = load_config(EvalConfig, REPO_ROOT / "configs" / "eval" / "mimir_imagenet.yaml")
+    assert mimir.attacks[0].steps == 20 and mimir.autoattack.version.value == "standard"
 
 
 def test_shipped_tokenizer_config_and_presets_load():

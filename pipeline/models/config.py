@@ -12,6 +12,7 @@ ENCODERS = {
     "vit_tiny_patch4": (4, 192, 4, 3),  # CPU tests and demos at 28-32 px
     "vit_tiny6_patch4": (4, 192, 6, 3),
     "vit_tiny_patch7": (7, 192, 4, 3),  # the 28-px demo: 16 tokens, a third of patch4's cost
+    "vit_small_patch16": (16, 384, 12, 6),  # MIMIR's ViT-S
     "vit_base_patch16": (16, 768, 12, 12),
     "vit_large_patch16": (16, 1024, 24, 16),
     "vit_huge_patch14": (14, 1280, 32, 16),
