@@ -15,12 +15,13 @@ DEMO_DIR ?= runs/demo
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.lock constraints.txt pyproject.toml
+$(VENV)/.installed: requirements.lock requirements-nodeps.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 ifneq ($(TORCH_INDEX_URL),)
 	$(PIP) install -q -c constraints.txt --index-url $(TORCH_INDEX_URL) torch==2.13.0
 endif
 	$(PIP) install -q -c constraints.txt -r requirements.lock
+	$(PIP) install -q --no-deps -r requirements-nodeps.txt
 	$(PIP) install -q --no-deps -e .
 	@$(BIN)/python -c "import torch; print('installed; torch', torch.__version__)"
 	@touch $@
@@ -131,7 +132,7 @@ gpu-wheels: install
 # Re-pin every package after a change of pyproject.toml's dependencies.
 lock: install
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
-	{ sed -n '1,3p' requirements.lock; $(PIP) freeze --exclude-editable | sed 's/^torch==\(.*\)+.*/torch==\1/'; } > requirements.lock.new
+	{ sed -n '1,3p' requirements.lock; $(PIP) freeze --exclude-editable | grep -v '^torchattacks==' | sed 's/^torch==\(.*\)+.*/torch==\1/'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean:

@@ -1,5 +1,5 @@
-"""The VQGAN's parameter layout against taming-transformers' published architecture, and its
-quantizer and reconstruction as DAT uses them."""
+"""The VQGAN's parameter layout against taming-transformers' published architecture, its numbers
+against taming's own modules, and its quantizer and reconstruction as DAT uses them."""
 
 import pytest
 import torch
@@ -118,3 +118,38 @@ def test_the_quantizer_picks_the_nearest_code_and_passes_gradients_straight_thro
     assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
     with pytest.raises(ValueError, match="multiples of 32"):
         VQGANConfig(ch=48, ch_mult=[1, 2])
+
+
+def test_encode_quantize_decode_equals_tamings_modules_on_the_same_weights():
+    """taming-transformers (PyPI 0.0.1, CompVis's code): VQModel.encode is encoder -> quant_conv ->
+    quantize and VQModel.decode is post_quant_conv -> decoder. VQModel itself is a Lightning module
+    (it imports pytorch_lightning), so the test composes taming's Encoder, Decoder and
+    VectorQuantizer exactly as those two methods do, with our weights loaded strictly."""
+    import torch.nn as nn
+    from taming.modules.diffusionmodules.model import Decoder, Encoder
+    from taming.modules.vqvae.quantize import VectorQuantizer
+
+    cfg = VQGANConfig(in_channels=3, resolution=32, ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16],
+                      z_channels=8, embed_dim=8, n_embed=64)
+    ddconfig = dict(double_z=False, z_channels=8, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+                    num_res_blocks=1, attn_resolutions=[16], dropout=0.0)
+    torch.manual_seed(0)
+    ours = VQGAN(cfg).eval()
+    with torch.no_grad():  # a codebook spread like the encoder's outputs, so many codes are in use
+        ours.quantize.embedding.weight.normal_()
+    taming = nn.ModuleDict({"encoder": Encoder(**ddconfig), "decoder": Decoder(**ddconfig),
+                            "quantize": VectorQuantizer(64, 8, beta=0.25), "quant_conv": nn.Conv2d(8, 8, 1),
+                            "post_quant_conv": nn.Conv2d(8, 8, 1)}).eval()
+    taming.load_state_dict(ours.state_dict(), strict=True)
+
+    images01 = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    z = taming["quant_conv"](taming["encoder"](images01 * 2 - 1))  # taming works on [-1, 1] images
+    codes, loss, (_, _, indices) = taming["quantize"](z)
+    decoded = taming["decoder"](taming["post_quant_conv"](codes))
+    our_decoded, quantized = ours(images01)
+    assert torch.equal(quantized.indices.flatten(), indices.flatten()) and indices.unique().numel() > 8
+    assert torch.allclose(quantized.codes, codes, atol=1e-6)
+    assert torch.allclose(our_decoded, decoded, atol=1e-5)
+    # taming's quantizer loss: ||sg[z_q] - z||^2 + beta ||z_q - sg[z]||^2 (its "legacy" weighting)
+    expected = quantized.commitment_loss + 0.25 * quantized.codebook_loss
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
