@@ -1,12 +1,22 @@
-"""An AutoAttack-style run (Croce & Hein 2020): APGD-CE, then APGD-T (targeted DLR loss, the
-top `targets` other classes in turn) on the samples still robust. Our implementation, with
-every draw from the sample's generator, and EOT (the loss averaged over draws) for randomized
-models as AutoAttack's 'rand' version. FAB-T and Square are not included.
+"""AutoAttack's APGD (Croce & Hein 2020) and the suites built from it: APGD-CE, then on the samples
+still robust either APGD-T (targeted DLR loss, the top `targets` other classes in turn; version
+apgd) or APGD-DLR (untargeted; version rand, AutoAttack's suite for randomized models). Our
+implementation: every draw (noise, random start) comes from the sample's own generator, so a
+sample's result does not depend on its batch or rank, and EOT (the loss averaged over draws)
+serves randomized models. The standard suite (with FAB-T and Square) is eval/autoattack.py.
 
-APGD: step size 2 epsilon, momentum 0.75, and at the checkpoints p_0 = 0, p_1 = 0.22,
-p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06) the step of a sample is halved (and it restarts
-from its best point) if fewer than rho = 0.75 of its steps since the last checkpoint raised the
-loss, or if its step was not halved last time and its best loss has not improved since.
+APGD, as AutoAttack's: step size 2 epsilon, momentum 0.75 (the previous move, kept across a step
+halving), and at the checkpoints p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03,
+0.06) the step of a sample is halved (and it restarts from its best point) if at most rho = 0.75
+of its steps since the last checkpoint raised the loss, or if its step was not halved last time
+and its best loss has not improved since.
+
+A run returns, for a deterministic model, its first misclassified iterate, else its iterate of
+highest loss (AutoAttack's choice). For a randomized model the candidates (highest EOT loss, last,
+first misclassified by a majority of the EOT draws) are scored by the same majority vote as PGD's
+images, and the first the vote misclassifies is kept. (Returning the first iterate that one draw
+happened to misclassify kept images that the vote still classified correctly: on a randomized
+model APGD then came out weaker than PGD.)
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ import torch
 
 from pipeline.attacks import normalized_l2, project_l2, project_linf
 from eval.attacks import random_start
-from eval.config import AutoAttackConfig, Norm
+from eval.config import AutoAttackConfig, AutoAttackVersion, Norm
 from eval.model import EvalModel
 from eval.sampling import ATTACK, sample_generator
 
@@ -48,9 +58,18 @@ def dlr_targeted(logits: torch.Tensor, labels: torch.Tensor, target: torch.Tenso
     return -(own - other) / (ordered[:, 0] - (ordered[:, 2] + ordered[:, 3]) / 2 + 1e-12)
 
 
+def dlr_untargeted(logits: torch.Tensor, labels: torch.Tensor, target=None) -> torch.Tensor:
+    """-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3): scale-invariant, needs >= 3 classes."""
+    z = logits.float()
+    ordered = z.sort(dim=1, descending=True).values
+    own = z.gather(1, labels.view(-1, 1)).squeeze(1)
+    best_other = z.masked_fill(torch.nn.functional.one_hot(labels, z.shape[1]).bool(), float("-inf")).max(1).values
+    return -(own - best_other) / (ordered[:, 0] - ordered[:, 2] + 1e-12)
+
+
 def apgd(model: EvalModel, clean: torch.Tensor, labels: torch.Tensor, cfg: AutoAttackConfig,
          loss_of: Callable, target, generators, rho: float = 0.75) -> tuple[torch.Tensor, torch.Tensor]:
-    """(adversarial images, fooled-at-some-iterate flags) for one APGD run on the batch."""
+    """(adversarial images, their predictions by the majority vote) for one APGD run on the batch."""
     eps, steps = cfg.epsilon, cfg.steps
     project = (lambda x: project_linf(x, clean, eps)) if cfg.norm is Norm.linf else (lambda x: project_l2(x, clean, eps))
     direction = torch.sign if cfg.norm is Norm.linf else normalized_l2
@@ -85,45 +104,64 @@ def apgd(model: EvalModel, clean: torch.Tensor, labels: torch.Tensor, cfg: AutoA
         x_best = torch.where(better.view(view), x, x_best)
         grad_best = torch.where(better.view(view), grad, grad_best)
         if k + 1 in marks:
-            few_raises = raised < rho * (k + 1 - last_check)
+            few_raises = raised <= rho * (k + 1 - last_check)
             stalled = ~reduced_last & (loss_at_check >= best_loss)
             reduce = few_raises | stalled
             step = torch.where(reduce, step / 2, step)
             x = torch.where(reduce.view(view), x_best, x)
-            x_prev = torch.where(reduce.view(view), x_best, x_prev)
             grad = torch.where(reduce.view(view), grad_best, grad)
             reduced_last, loss_at_check, last_check = reduce, best_loss.clone(), k + 1
             raised.zero_()
-    return torch.where(found.view(view), x_found, x_best).detach(), found
+    if not model.randomized:  # a misclassified iterate stays misclassified: AutoAttack's choice
+        adv = torch.where(found.view(view), x_found, x_best).detach()
+        return adv, model.vote(adv, generators, 1)
+    # Randomized: what the EOT draws of one iterate saw is noise. The candidates (the iterate of
+    # highest EOT loss, the last iterate, the first iterate a majority of draws misclassified) are
+    # scored by the majority vote, as PGD's image is; the first the vote misclassifies is kept.
+    adv, pred = x_best.detach(), model.vote(x_best, generators, cfg.score_draws)
+    for candidate, eligible in ((x, None), (x_found, found)):
+        candidate_pred = model.vote(candidate, generators, cfg.score_draws)
+        take = (pred == labels) & (candidate_pred != labels)
+        take = take if eligible is None else take & eligible
+        adv, pred = torch.where(take.view(view), candidate.detach(), adv), torch.where(take, candidate_pred, pred)
+    return adv, pred
 
 
 def autoattack(model: EvalModel, clean: torch.Tensor, labels: torch.Tensor, indices: list[int], cfg: AutoAttackConfig,
                seed: int, compact: bool = True) -> dict[str, dict[str, torch.Tensor]]:
-    """{"apgd-ce": ..., "aa": ...}, each {"pred", "correct", "distance"} as PGD's: APGD-CE on
-    every sample, then each APGD-T target run on the samples still robust (the cascade). With
-    `compact`, a target run attacks only those samples; without, it attacks all and keeps the
-    same images: every draw is per sample, so the results are identical."""
+    """The configured suite: {"aa": ...} and, for our versions, {"apgd-ce": ...}, each {"pred",
+    "correct", "distance"} as PGD's. Versions rand and apgd: APGD-CE on every sample, then each
+    later run (APGD-DLR, or one APGD-T per target) on the samples still robust. With `compact`, a
+    later run attacks only those samples; without, it attacks all and keeps the same images:
+    every draw is per sample, so the results are identical."""
     from eval.attacks import attacked_rows
 
+    if cfg.version is AutoAttackVersion.standard:
+        from eval.autoattack import standard_autoattack
+
+        return {"aa": standard_autoattack(model, clean, labels, cfg, seed + indices[0])}
     device = clean.device
     view = (-1,) + (1,) * (clean.dim() - 1)
     generators = [sample_generator(seed, i, ATTACK, APGD_PURPOSE, device=device) for i in indices]
-    adv, _ = apgd(model, clean, labels, cfg, ce_loss, None, generators)
-    pred = model.vote(adv, generators, cfg.score_draws)
+    adv, pred = apgd(model, clean, labels, cfg, ce_loss, None, generators)
     results = {"apgd-ce": {"pred": pred, "correct": pred == labels, "distance": distance(adv, clean, cfg.norm)}}
     final_adv, final_pred, robust = adv.clone(), pred.clone(), pred == labels
     with torch.no_grad():
         ranking = model.mean_log_probs(clean, generators, cfg.score_draws).argsort(dim=1, descending=True)
     others = ranking[ranking != labels.view(-1, 1)].view(len(labels), -1)  # most likely other classes first
-    for number in range(min(cfg.targets, model.num_classes - 1)):
+    later_runs = 1 if cfg.version is AutoAttackVersion.rand else min(cfg.targets, model.num_classes - 1)
+    for number in range(later_runs):
         rows = attacked_rows(robust, compact)
         if rows.numel() == 0:
             break
-        # a fresh generator per (sample, target): a sample's draws do not depend on which runs it skipped
+        # a fresh generator per (sample, run): a sample's draws do not depend on which runs it skipped
         target_generators = [sample_generator(seed, indices[r], ATTACK, APGD_PURPOSE, 1 + number, device=device)
                              for r in rows.tolist()]
-        adv_t, _ = apgd(model, clean[rows], labels[rows], cfg, dlr_targeted, others[rows, number], target_generators)
-        pred_t = model.vote(adv_t, target_generators, cfg.score_draws)
+        if cfg.version is AutoAttackVersion.rand:
+            loss_of, target = dlr_untargeted, None
+        else:
+            loss_of, target = dlr_targeted, others[rows, number]
+        adv_t, pred_t = apgd(model, clean[rows], labels[rows], cfg, loss_of, target, target_generators)
         switch = robust[rows] & (pred_t != labels[rows])  # only samples still robust take the new image
         final_adv[rows] = torch.where(switch.view(view), adv_t, final_adv[rows])
         final_pred[rows] = torch.where(switch, pred_t, final_pred[rows])

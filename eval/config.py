@@ -53,26 +53,46 @@ class PGDConfig:
         return f"pgd{self.steps}_{self.norm.value}_{self.loss.value}_eps{epsilon:.4g}"
 
 
+class AutoAttackVersion(enum.Enum):
+    """Which suite runs; each attack runs only on the samples every earlier one left robust.
+
+    standard: AutoAttack's standard suite, APGD-CE, APGD-T, FAB-T, Square (5,000 queries), through
+      torchattacks' implementations; deterministic models only (eval/autoattack.py).
+    rand: AutoAttack's version for randomized models, APGD-CE then APGD-DLR, each with EOT (20).
+    apgd: APGD-CE then APGD-T, our APGD with EOT (AutoAttack's first two attacks; cheaper).
+    rand and apgd are ours (eval/apgd.py): their noise and random starts are drawn per sample, so a
+    sample's result does not depend on its batch or rank, which torchattacks' batch-wide draws
+    cannot give.
+    """
+
+    standard = "standard"
+    rand = "rand"
+    apgd = "apgd"
+
+
 @dataclass
 class AutoAttackConfig:
-    """APGD-CE then APGD-T on the survivors (AutoAttack's first two attacks; see eval/apgd.py)."""
-
     enabled: bool = False
+    version: AutoAttackVersion = AutoAttackVersion.standard
     norm: Norm = Norm.linf
     epsilon: float = 4 / 255
-    steps: int = 100  # per run (AutoAttack standard: 100)
-    targets: int = 9  # APGD-T target classes (AutoAttack standard: 9)
+    steps: int = 100  # per APGD and FAB run (AutoAttack: 100)
+    targets: int = 9  # target classes of APGD-T and FAB-T (AutoAttack: 9)
+    square_queries: int = 5000  # standard: Square's query budget (AutoAttack: 5,000)
     eot: int = 20  # randomized models: loss averaged over this many draws (AutoAttack 'rand': 20)
     score_draws: int = 8
 
     def __post_init__(self) -> None:
-        if self.epsilon <= 0 or self.steps < 1 or self.targets < 0 or self.eot < 1 or self.score_draws < 1:
-            raise ValueError("autoattack needs epsilon > 0, steps, eot, score_draws >= 1 and targets >= 0")
+        if self.epsilon <= 0 or self.steps < 1 or self.targets < 0 or self.eot < 1 or self.score_draws < 1 \
+                or self.square_queries < 1:
+            raise ValueError("autoattack needs epsilon > 0, steps, eot, score_draws, square_queries >= 1 and "
+                             "targets >= 0")
 
     def name(self, part: str) -> str:
-        """e.g. aa100_linf_cascade_eps0.0157 (part: apgdce, apgdt or aa)."""
-        loss = {"apgdce": "ce", "apgdt": "dlr", "aa": "cascade"}[part]
-        return f"{part}{self.steps}_{self.norm.value}_{loss}_eps{self.epsilon:.4g}"
+        """e.g. aa100_linf_standard_eps0.0157 (part: apgdce or aa, the whole suite).
+        The apgd version's suite keeps its earlier name, aa<steps>_<norm>_cascade_eps<ε>."""
+        suite = {AutoAttackVersion.apgd: "cascade"}.get(self.version, self.version.value)
+        return f"{part}{self.steps}_{self.norm.value}_{'ce' if part == 'apgdce' else suite}_eps{self.epsilon:.4g}"
 
 
 @dataclass

@@ -96,11 +96,13 @@ class EvalModel:
                            draws: int, loss_of: Callable[[torch.Tensor], torch.Tensor]
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """([B] mean over the draws of loss_of(logits), its gradient w.r.t. the images, [B] whether
-        any draw misclassified): the loss is a plain mean, so each draw's graph is freed at once."""
+        the majority of the draws misclassified, ties to the lower class as `vote`): the loss is a
+        plain mean, so each draw's graph is freed at once. A majority, not any one draw: a
+        randomized model that one draw in twenty gets wrong still classifies the image correctly."""
         images = images01.detach()
         count = self.draws(draws)
         total, grad = torch.zeros(images.shape[0], device=images.device), torch.zeros_like(images)
-        fooled = torch.zeros_like(labels, dtype=torch.bool)
+        votes = torch.zeros(images.shape[0], self.num_classes, device=images.device)
         for _ in range(count):
             x = images.clone().requires_grad_(True)
             logits = self.logits(x, generators)
@@ -108,8 +110,8 @@ class EvalModel:
             draw_grad, = torch.autograd.grad(loss.sum() / count, x)
             grad += draw_grad
             total += loss.detach()
-            fooled |= logits.detach().argmax(-1) != labels
-        return total / count, grad, fooled
+            votes += F.one_hot(logits.detach().argmax(-1), self.num_classes).float()
+        return total / count, grad, votes.argmax(-1) != labels
 
     @torch.no_grad()
     def vote(self, images01: torch.Tensor, generators: list[torch.Generator], draws: int) -> torch.Tensor:

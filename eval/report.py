@@ -34,6 +34,8 @@ def percent(entry: dict | None) -> str:
 
 
 ATTACK_NAMES = {"pgd": "PGD", "apgdce": "APGD-CE", "apgdt": "APGD-T", "aa": "APGD-CE+T"}
+# The whole AutoAttack suite that ran, by the loss field of its key: never one named for another.
+SUITE_NAMES = {"standard": "AutoAttack standard", "rand": "AutoAttack rand"}
 
 
 def in_255ths(epsilon: float) -> bool:
@@ -43,12 +45,16 @@ def in_255ths(epsilon: float) -> bool:
 
 
 def attack_label(name: str) -> str:
-    """pgd10_linf_ce_eps0.03137 -> PGD-10 L∞ ε=8/255 (ce); aa100_... -> APGD-CE+T-100 ..."""
+    """pgd10_linf_ce_eps0.03137 -> PGD-10 L∞ ε=8/255 (ce); aa100_linf_cascade_... -> APGD-CE+T-100 ...;
+    aa100_linf_rand_... -> AutoAttack rand (100 steps) ..."""
     kind_steps, norm, loss, eps = name.split("_")
     kind, steps = re.fullmatch(r"([a-z]+)(\d+)", kind_steps).groups()
     epsilon = float(eps[3:])
     value = f"{round(epsilon * 255)}/255" if norm == "linf" and in_255ths(epsilon) else f"{epsilon:g}"
-    return f"{ATTACK_NAMES.get(kind, kind)}-{steps} {'L∞' if norm == 'linf' else 'L2'} ε={value} ({loss})"
+    norm_label = "L∞" if norm == "linf" else "L2"
+    if kind == "aa" and loss in SUITE_NAMES:  # aa100_linf_standard_eps... -> AutoAttack standard (100 steps) ...
+        return f"{SUITE_NAMES[loss]} ({steps} steps) {norm_label} ε={value}"
+    return f"{ATTACK_NAMES.get(kind, kind)}-{steps} {norm_label} ε={value} ({loss})"
 
 
 def summary_row(summary: dict) -> dict[str, str]:

@@ -27,7 +27,7 @@ from pipeline.models.deployed import DefenseKind, load_deployed, read_spec
 from eval.apgd import autoattack
 from eval.attacks import pgd_attack
 from eval.certify import ABSTAIN, certify, largest_certifiable_radius, predict
-from eval.config import EvalConfig
+from eval.config import AutoAttackVersion, EvalConfig
 from pipeline.engine.config import Precision
 from eval.model import EvalModel
 from eval.records import MERGED, RECORDS_DIR, RecordWriter, merge_records, recorded_indices
@@ -98,6 +98,10 @@ def write_plan(cfg: EvalConfig, check_previous: bool = True) -> dict:
     A mismatch is refused naming the settings, or, with `fresh=true`, the old evaluation is
     moved to out_dir/superseded/<time>/ and this one starts from nothing."""
     spec = read_spec(cfg.model)
+    if cfg.autoattack.enabled and cfg.autoattack.version is AutoAttackVersion.standard \
+            and spec.defense in (DefenseKind.denoise, DefenseKind.smoothing):
+        raise UserError(f"{cfg.model}: a randomized model ({spec.defense.value}); autoattack.version=standard is for "
+                        f"deterministic models: use autoattack.version=rand (APGD-CE and APGD-DLR with EOT)")
     shards = open_shards(cfg.shards, cfg.split)
     weights = Path(cfg.model).with_suffix(".safetensors")
     settings = record_settings(cfg)

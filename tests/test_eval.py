@@ -23,7 +23,7 @@ from pipeline.data.config import LoaderConfig
 from pipeline.data.dali import DaliLoader
 from pipeline.models.classifier import ViTClassifier
 from pipeline.models.deployed import DefenseKind, DeploymentSpec
-from eval.apgd import autoattack, checkpoints
+from eval.apgd import autoattack, checkpoints, dlr_untargeted
 from eval.attacks import pgd_attack
 from eval.certify import ABSTAIN, certify, clopper_pearson_lower, largest_certifiable_radius, predict
 from eval.config import AutoAttackConfig, PGDConfig
@@ -115,7 +115,8 @@ def test_pgd_respects_the_budget_and_breaks_a_trained_model(trained, norm_name, 
 def test_apgd_cascade_stays_in_the_ball_and_is_at_least_as_strong_as_pgd(trained):
     images, labels = val_batch(trained["shards"], 64)
     model = EvalModel(trained["model"], plain_spec())
-    aa = load_config(AutoAttackConfig, None, ["enabled=true", "epsilon=0.0157", "steps=20", "targets=3"])
+    aa = load_config(AutoAttackConfig, None, ["enabled=true", "version=apgd", "epsilon=0.0157", "steps=20",
+                                              "targets=3"])
     pgd, = pgd_attack(model, images, labels, list(range(64)), load_config(PGDConfig, None, ["epsilons=[0.0157]",
                                                                                            "steps=20"]), 0, seed=0)
     results = autoattack(model, images, labels, list(range(64)), aa, seed=0)
@@ -127,6 +128,111 @@ def test_apgd_cascade_stays_in_the_ball_and_is_at_least_as_strong_as_pgd(trained
     assert (cascade <= results["apgd-ce"]["correct"]).all()  # the targeted runs only ever remove samples
     assert cascade.float().mean() <= pgd["correct"].float().mean() + 0.05
     assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]  # AutoAttack's schedule for 100 steps
+
+
+def test_apgd_matches_torchattacks_apgd_on_the_same_model_and_inputs(trained):
+    """Our APGD-CE and the APGD-CE -> APGD-T cascade against torchattacks' APGD and APGDT (ports of
+    AutoAttack's own) on 200 validation images: robust accuracy within 1 point (2 images)."""
+    import torchattacks
+
+    images, labels = val_batch(trained["shards"], 200)
+    network = trained["model"].eval()
+    eps, steps, targets = 0.0157, 20, 3
+    aa = load_config(AutoAttackConfig, None, ["enabled=true", "version=apgd", f"epsilon={eps}", f"steps={steps}",
+                                              f"targets={targets}"])
+    ours = autoattack(EvalModel(network, plain_spec()), images, labels, list(range(200)), aa, seed=0)
+
+    def robust(adv, y):
+        with torch.no_grad():
+            return network(adv).argmax(-1) == y
+
+    reference_ce = robust(torchattacks.APGD(network, norm="Linf", eps=eps, steps=steps, seed=0, loss="ce")(images, labels),
+                          labels)
+    apgd_t = torchattacks.APGDT(network, norm="Linf", eps=eps, steps=steps, seed=0, n_classes=10)
+    apgd_t.n_target_classes = targets  # the top 3 other classes, as ours
+    survivors = labels[reference_ce]
+    reference_t = robust(apgd_t(images[reference_ce], survivors), survivors)  # on APGD-CE's survivors
+    theirs_aa = reference_ce.clone()
+    theirs_aa[reference_ce] = reference_t
+    measured = {"ours_ce": ours["apgd-ce"]["correct"].float().mean().item(),
+                "theirs_ce": reference_ce.float().mean().item(),
+                "ours_aa": ours["aa"]["correct"].float().mean().item(),
+                "theirs_aa": theirs_aa.float().mean().item()}
+    assert 0.05 < measured["theirs_aa"] < measured["theirs_ce"], measured  # the attack bites, the targets add
+    assert abs(measured["ours_ce"] - measured["theirs_ce"]) <= 0.01 + 1e-9, measured
+    assert abs(measured["ours_aa"] - measured["theirs_aa"]) <= 0.01 + 1e-9, measured
+
+
+def test_apgd_on_a_randomized_model_is_not_weaker_than_pgd(trained):
+    """A smoothing base classifier (σ 0.25) under EOT: APGD scores its candidate iterates by the same
+    majority vote as PGD, so it may not come out weaker. Robust images of 64, measured when written
+    (PGD / APGD-CE): seeds 0, 1, 2 gave 5 / 5, 4 / 5, 4 / 3; at seed 0, APGD returning its first
+    iterate a majority of its 4 EOT draws misclassified gave 5 / 10, its iterate of highest EOT
+    loss alone 5 / 7. The vote's own sampling allows one image either way."""
+    images, labels = val_batch(trained["shards"], 64)
+    model = EvalModel(trained["model"], smoothing_spec())
+    indices = list(range(64))
+    pgd, = pgd_attack(model, images, labels, indices, load_config(PGDConfig, None, [
+        "epsilons=[0.1]", "steps=20", "eot=4", "score_draws=8"]), 0, seed=0)
+    aa = load_config(AutoAttackConfig, None, ["enabled=true", "version=apgd", "epsilon=0.1", "steps=20", "targets=0", "eot=4",
+                                              "score_draws=8"])
+    apgd_ce = autoattack(model, images, labels, indices, aa, seed=0)["apgd-ce"]
+    clean = model.vote(images, [torch.Generator().manual_seed(i) for i in indices], 8) == labels
+    measured = (clean.float().mean().item(), pgd["correct"].float().mean().item(),
+                apgd_ce["correct"].float().mean().item())
+    assert measured[1] < measured[0], measured  # PGD bites
+    assert measured[2] <= measured[1] + 1 / 64, measured
+
+
+def test_standard_autoattack_runs_the_whole_suite_after_apgd_ce(trained):
+    """version=standard: torchattacks' APGD-CE, APGD-T, FAB-T and Square in turn. Its first attack is
+    APGD-CE with the same seed on the same batch, so the suite can only remove samples from
+    what that attack alone leaves robust; a randomized model is refused, naming version=rand."""
+    import torchattacks
+
+    images, labels = val_batch(trained["shards"], 48)
+    model = EvalModel(trained["model"], plain_spec())
+    aa = load_config(AutoAttackConfig, None, ["enabled=true", "version=standard", "epsilon=0.0157", "steps=10",
+                                              "targets=2", "square_queries=20"])
+    indices = list(range(100, 148))
+    results = autoattack(model, images, labels, indices, aa, seed=3)
+    assert set(results) == {"aa"} and aa.name("aa") == "aa10_linf_standard_eps0.0157"
+    suite = results["aa"]
+    apgd_ce_alone = torchattacks.APGD(trained["model"], norm="Linf", eps=0.0157, steps=10, seed=3 + 100,
+                                      loss="ce")(images, labels)
+    with torch.no_grad():
+        alone = trained["model"](apgd_ce_alone).argmax(-1) == labels
+        clean = trained["model"](images).argmax(-1) == labels
+    assert (suite["correct"] <= alone).all() and (alone <= clean).all()
+    assert suite["correct"].sum() < clean.sum()
+    assert (suite["distance"] <= 0.0157 + 1e-6).all()
+    with pytest.raises(UserError, match="autoattack.version=rand"):
+        autoattack(EvalModel(trained["model"], smoothing_spec()), images, labels, indices, aa, seed=3)
+
+
+def test_rand_autoattack_adds_untargeted_apgd_dlr_with_eot(trained):
+    images, labels = val_batch(trained["shards"], 24)
+    model = EvalModel(trained["model"], smoothing_spec())
+    aa = load_config(AutoAttackConfig, None, ["enabled=true", "version=rand", "epsilon=0.05", "steps=5", "eot=2",
+                                              "score_draws=3"])
+    results = autoattack(model, images, labels, list(range(24)), aa, seed=0)
+    assert set(results) == {"apgd-ce", "aa"} and aa.name("aa") == "aa5_linf_rand_eps0.05"
+    assert (results["aa"]["correct"] <= results["apgd-ce"]["correct"]).all()
+    assert (results["aa"]["distance"] <= 0.05 + 1e-6).all()
+    z = torch.tensor([[3.0, 1.0, 0.0, -1.0], [0.0, 2.0, 1.0, -3.0]])  # DLR: -(z_y - max other) / (z_1 - z_3)
+    assert torch.allclose(dlr_untargeted(z, torch.tensor([0, 2])), torch.tensor([-(3 - 1) / 3.0, -(1 - 2) / 2.0]))
+
+
+@pytest.mark.parametrize("name, label", [
+    ("aa100_linf_standard_eps0.01569", "AutoAttack standard (100 steps) L∞ ε=4/255"),
+    ("aa20_l2_rand_eps0.5", "AutoAttack rand (20 steps) L2 ε=0.5"),
+    ("aa50_linf_cascade_eps0.05", "APGD-CE+T-50 L∞ ε=0.05 (cascade)"),
+    ("pgd10_linf_ce_eps0.03137", "PGD-10 L∞ ε=8/255 (ce)"),
+])
+def test_the_report_names_the_suite_that_ran(name, label):
+    from eval.report import attack_label
+
+    assert attack_label(name) == label
 
 
 def saved_bytes_peak(fn) -> int:
@@ -181,7 +287,7 @@ def test_compacted_attacks_give_the_records_of_full_attacks(trained, defense):
     model = EvalModel(trained["model"], spec)
     indices = list(range(100, 124))
     pgd = load_config(PGDConfig, None, ["epsilons=[0.03, 0.01]", "steps=3", "restarts=2", "eot=2", "score_draws=3"])
-    aa = load_config(AutoAttackConfig, None, ["enabled=true", "epsilon=0.02", "steps=4", "targets=3", "eot=2",
+    aa = load_config(AutoAttackConfig, None, ["enabled=true", "version=apgd", "epsilon=0.02", "steps=4", "targets=3", "eot=2",
                                               "score_draws=3"])
     for compact_result, full_result in [
             (pgd_attack(model, images, labels, indices, pgd, 0, seed=5, compact=True),
@@ -224,7 +330,7 @@ def test_a_constant_classifier_is_unaffected_by_pgd_and_apgd():
     result, = pgd_attack(EvalModel(Constant(), spec), images, labels, list(range(8)),
                          load_config(PGDConfig, None, ["steps=5"]), 0, seed=0)
     assert result["correct"].all()
-    aa = load_config(AutoAttackConfig, None, ["steps=5", "targets=0"])
+    aa = load_config(AutoAttackConfig, None, ["version=apgd", "steps=5", "targets=0"])
     assert autoattack(EvalModel(Constant(), spec), images, labels, list(range(8)), aa, seed=0)["aa"]["correct"].all()
 
 
@@ -444,3 +550,22 @@ def test_accuracy_vs_epsilon_curves_hold_pgd_only():
         "pgd10_l2_ce_eps1": "pgd"}
     assert pgd_curves([("m", summary)], "linf") == [("m", [(0.0, 1.0), (0.05, 0.5), (0.1, 0.25)])]
     assert pgd_curves([("m", summary)], "l2") == [("m", [(0.0, 1.0), (1.0, 0.2)])]
+
+
+def test_an_eval_with_standard_autoattack_appears_in_the_report(trained, tmp_path):
+    out = tmp_path / "standard_aa"
+    run_eval(trained["plain"], trained["shards"], out, "certify.enabled=false", "predict.enabled=false", "attacks=[]",
+             "autoattack.enabled=true", "autoattack.version=standard", "autoattack.steps=5", "autoattack.targets=2",
+             "autoattack.square_queries=20")
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["attacks"]) == {"aa5_linf_standard_eps0.01569"}
+    assert summary["attacks"]["aa5_linf_standard_eps0.01569"]["accuracy"] <= summary["clean"]["accuracy"]
+    result = subprocess.run([ROBUSTMIM, "report", str(out), "--out", str(tmp_path / "report")], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "AutoAttack standard (5 steps) L∞ ε=4/255" in (tmp_path / "report" / "report.md").read_text()
+    refused = subprocess.run([ROBUSTMIM, "eval", "--model", str(trained["smoothed"]), "--data", str(trained["shards"]),
+                              "--out", str(tmp_path / "refused"), *EVAL_SETTINGS, "autoattack.enabled=true"],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "autoattack.version=rand" in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "refused" / "records").exists()  # refused before any work
