@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+from eval.certify import largest_certifiable_radius
 from eval.summary import accuracy
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_text
@@ -34,6 +35,8 @@ def percent(entry: dict | None) -> str:
 
 
 ATTACK_NAMES = {"pgd": "PGD", "apgdce": "APGD-CE", "apgdt": "APGD-T", "aa": "APGD-CE+T"}
+# Marks a certified accuracy at a radius CERTIFY cannot reach with the run's n and alpha: 0 by construction.
+UNREACHABLE = "†"
 # The whole AutoAttack suite that ran, by the loss field of its key: never one named for another.
 SUITE_NAMES = {"standard": "AutoAttack standard", "rand": "AutoAttack rand"}
 
@@ -69,8 +72,10 @@ def summary_row(summary: dict) -> dict[str, str]:
     certify = summary.get("certify")
     if certify:
         n = summary["samples"]
+        reach = largest_certifiable_radius(certify["sigma"], certify["n"], certify["alpha"])
         for radius, value in certify["certified_accuracy"].items():
-            row[f"cert. r={radius} (σ={certify['sigma']:g})"] = percent(accuracy(round(value * n), n))
+            flag = f" {UNREACHABLE}" if float(radius) > reach else ""
+            row[f"cert. r={radius} (σ={certify['sigma']:g})"] = percent(accuracy(round(value * n), n)) + flag
     if summary.get("predict"):
         row["PREDICT"] = percent(summary["predict"])
     return row
@@ -150,7 +155,10 @@ def write_report(eval_dirs: list[str], out_dir: str | Path) -> str:
     table = markdown_table([(label, summary_row(s)) for label, s in summaries])
     plots = write_plots(summaries, out)
     notes = ["", "Accuracies in %, over `n` samples, with 95% Clopper-Pearson intervals; randomized models are attacked end to end with EOT and "
-             "scored by a majority of noise draws; certified accuracy counts abstentions as wrong.",
-             *[f"![{p.stem}]({p.name})" for p in plots]]
+             "scored by a majority of noise draws; certified accuracy counts abstentions as wrong."]
+    if UNREACHABLE in table:
+        notes.append(f"{UNREACHABLE} A radius beyond sigma * Phi^-1(alpha^(1/n)), the largest CERTIFY can give with the "
+                     "evaluation's n and alpha: 0 whatever the model; raise certify.n to read it.")
+    notes += [f"![{p.stem}]({p.name})" for p in plots]
     atomic_write_text(out / "report.md", "# Robustness report\n\n" + table + "\n".join(notes) + "\n")
     return table

@@ -527,6 +527,12 @@ def test_report_puts_models_in_one_table_with_plots(trained, one_rank, tmp_path)
     for label in ("one_rank", "plain"):  # the encoder and the fine-tuning budget sit beside the method
         assert re.search(rf"\| {label} \| standard \| scratch \| {TRAIN_STEPS * 64} \| 40 \| \d+\.\d \[", report), report
     assert "PGD-3 L∞ ε=4/255 (ce)" in report and "cert. r=0.5 (σ=0.25)" in report
+    # n 200, alpha 0.001 at sigma 0.25 reach r 0.456 at most: r 0.5 and beyond are flagged, r 0.25 not
+    header, one_rank_row = [line for line in report.splitlines() if line.startswith(("| model ", "| one_rank "))]
+    cells = dict(zip(header.split(" | "), one_rank_row.split(" | ")))
+    assert cells["cert. r=0.5 (σ=0.25)"].endswith("†") and cells["cert. r=3 (σ=0.25)"].endswith("†")
+    assert not cells["cert. r=0.25 (σ=0.25)"].endswith("†")
+    assert "† A radius beyond sigma * Phi^-1(alpha^(1/n))" in report
     for plot in ("certified_accuracy.png", "accuracy_vs_epsilon_linf.png"):
         assert (tmp_path / "report" / plot).stat().st_size > 1000
 
