@@ -6,7 +6,8 @@ sum_ij (R_Z o R_X^T)_ij.
 
 Precision: computed in float32 with autocast switched off on the inputs' device (MIMIR's code
 moved it to the CPU in fp32). Under the trainer's bf16 autocast the Gram matmul would otherwise
-run in bf16: ~1% error in the value and ~25% in its gradient, measured against float64.
+run in bf16: on a 32-image batch, 7e-4 relative error in the value and 7% in its gradients
+against float64 (fp32: 2e-8 and 0.8%; tests/test_objectives.py).
 
 Failure: where the regularized system is singular or the result is not finite the term is 0, as
 MIMIR skips such terms, decided on the device (no host sync). Its gradient is then 0 as well:
