@@ -26,18 +26,18 @@ class AttackLoss(enum.Enum):
 class PGDConfig:
     """PGD in [0, 1] pixel space: random start, `steps` steps, best of `restarts` runs per sample."""
 
-    norm: Norm = Norm.linf
-    epsilons: list[float] = field(default_factory=lambda: [4 / 255])
-    steps: int = 10
+    norm: Norm = Norm.linf  # linf or l2
+    epsilons: list[float] = field(default_factory=lambda: [4 / 255])  # budgets in [0, 1] pixels; one result per epsilon
+    steps: int = 10  # PGD iterations
     step_size: float = 0.0  # absolute; 0: 2.5 * epsilon / steps (Madry's heuristic)
-    restarts: int = 1
-    loss: AttackLoss = AttackLoss.ce
-    random_start: bool = True
+    restarts: int = 1  # runs from fresh random starts; a sample is robust only if none fools it
+    loss: AttackLoss = AttackLoss.ce  # ce or margin
+    random_start: bool = True  # start uniformly in the ball (false: at the clean image)
     # Randomized models (De³'s noise, DMAE's smoothing noise): each gradient averages the
     # predicted probabilities over `eot` noise draws (EOT); each final adversarial image is
     # scored by a majority vote over `score_draws` fresh draws. Deterministic models use 1 and 1.
     eot: int = 8
-    score_draws: int = 8
+    score_draws: int = 8  # randomized models: draws of the majority vote scoring each adversarial image
 
     def __post_init__(self) -> None:
         if not self.epsilons or any(e <= 0 for e in self.epsilons):
@@ -47,10 +47,6 @@ class PGDConfig:
 
     def step_for(self, epsilon: float) -> float:
         return self.step_size or 2.5 * epsilon / self.steps
-
-    def name(self, epsilon: float) -> str:
-        """A stable key, e.g. pgd10_linf_ce_eps0.0157."""
-        return f"pgd{self.steps}_{self.norm.value}_{self.loss.value}_eps{epsilon:.4g}"
 
 
 class AutoAttackVersion(enum.Enum):
@@ -72,15 +68,15 @@ class AutoAttackVersion(enum.Enum):
 
 @dataclass
 class AutoAttackConfig:
-    enabled: bool = False
-    version: AutoAttackVersion = AutoAttackVersion.standard
-    norm: Norm = Norm.linf
-    epsilon: float = 4 / 255
+    enabled: bool = False  # run the suite after the PGD attacks
+    version: AutoAttackVersion = AutoAttackVersion.standard  # standard, rand or apgd (below)
+    norm: Norm = Norm.linf  # linf or l2
+    epsilon: float = 4 / 255  # the budget in [0, 1] pixels
     steps: int = 100  # per APGD and FAB run (AutoAttack: 100)
     targets: int = 9  # target classes of APGD-T and FAB-T (AutoAttack: 9)
     square_queries: int = 5000  # standard: Square's query budget (AutoAttack: 5,000)
     eot: int = 20  # randomized models: loss averaged over this many draws (AutoAttack 'rand': 20)
-    score_draws: int = 8
+    score_draws: int = 8  # randomized models: draws of the majority vote scoring each image
 
     def __post_init__(self) -> None:
         if self.epsilon <= 0 or self.steps < 1 or self.targets < 0 or self.eot < 1 or self.score_draws < 1 \
@@ -88,23 +84,18 @@ class AutoAttackConfig:
             raise ValueError("autoattack needs epsilon > 0, steps, eot, score_draws, square_queries >= 1 and "
                              "targets >= 0")
 
-    def name(self, part: str) -> str:
-        """e.g. aa100_linf_standard_eps0.0157 (part: apgdce or aa, the whole suite).
-        The apgd version's suite keeps its earlier name, aa<steps>_<norm>_cascade_eps<ε>."""
-        suite = {AutoAttackVersion.apgd: "cascade"}.get(self.version, self.version.value)
-        return f"{part}{self.steps}_{self.norm.value}_{'ce' if part == 'apgdce' else suite}_eps{self.epsilon:.4g}"
-
 
 @dataclass
 class CertifyConfig:
     """Cohen et al.'s CERTIFY on the [0, 1] input, noise unclipped."""
 
-    enabled: bool = False
+    enabled: bool = False  # randomized smoothing's CERTIFY (Cohen et al.) of each sample
     sigma: Optional[float] = None  # None: the exported model's smoothing sigma
     n0: int = 100  # selection draws
     n: int = 10_000  # estimation draws (Cohen's default 100,000; Carlini / DMAE 10,000)
-    alpha: float = 0.001
+    alpha: float = 0.001  # CERTIFY's failure probability
     batch: int = 1000  # noisy copies per forward
+    # certified accuracy is reported at these L2 radii
     radii: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0])
 
     def __post_init__(self) -> None:
@@ -118,10 +109,10 @@ class CertifyConfig:
 class PredictConfig:
     """Cohen et al.'s PREDICT: abstain unless a binomial test separates the top two classes."""
 
-    enabled: bool = False
-    n: int = 1000
-    alpha: float = 0.001
-    batch: int = 1000
+    enabled: bool = False  # Cohen et al.'s PREDICT of each sample
+    n: int = 1000  # noise draws
+    alpha: float = 0.001  # the binomial test's level
+    batch: int = 1000  # noisy copies per forward
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.batch < 1 or not 0 < self.alpha < 0.5:
@@ -132,16 +123,17 @@ class PredictConfig:
 class EvalConfig:
     model: str = MISSING  # a classifier export's .json (or its .safetensors)
     shards: str = MISSING  # a shards directory
-    out_dir: str = MISSING
-    split: str = "val"
+    out_dir: str = MISSING  # records/, records.jsonl, summary.json, plan.json; a re-run resumes it
+    split: str = "val"  # the split evaluated (Fashion-MNIST's test images are split val)
     seed: int = 0  # every draw of sample i comes from a generator seeded by (seed, i, purpose)
     every_nth: int = 1  # the standard subsets: 50 or 100 for ImageNet val, 20 for a small test set
     max_samples: int = 0  # stop after this many selected samples (0: all)
     batch_size: int = 64  # images per forward for clean accuracy and attacks
     eval_crop_fraction: float = 0.875  # resize shorter side to size / fraction, center crop
-    num_threads: int = 4
-    clean: bool = True
+    num_threads: int = 4  # DALI CPU threads
+    clean: bool = True  # record clean accuracy
     clean_draws: int = 8  # randomized models: clean prediction = majority over this many draws
+    # PGD attacks: a list of {norm, epsilons, steps, ...}; [] for none
     attacks: list[PGDConfig] = field(default_factory=lambda: [PGDConfig()])
     autoattack: AutoAttackConfig = field(default_factory=AutoAttackConfig)
     certify: CertifyConfig = field(default_factory=CertifyConfig)
@@ -158,5 +150,8 @@ class EvalConfig:
     fresh: bool = False
 
     def __post_init__(self) -> None:
+        if self.precision is Precision.bf16_weights:
+            raise ValueError("precision=bf16_weights is a training mode (DeepSpeed's bf16 weights); an evaluation "
+                             "takes auto, fp32 or bf16 (autocast)")
         if self.every_nth < 1 or self.max_samples < 0 or self.batch_size < 1 or self.clean_draws < 1:
             raise ValueError("every_nth, batch_size and clean_draws must be >= 1, max_samples >= 0")

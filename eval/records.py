@@ -16,6 +16,10 @@ from robustmim.errors import UserError
 
 RECORDS_DIR = "records"
 MERGED = "records.jsonl"
+# The layout of records and summaries. 2: attack results keyed by every setting of the attack,
+# their settings stored as fields in the plan and summary (1 had keys without step size,
+# restarts or EOT). Records of another format are refused by the merge, summaries by the report.
+RECORDS_FORMAT = 2
 
 
 def rank_file(out_dir: Path, rank: int) -> Path:

@@ -4,10 +4,11 @@ accuracy against radius per model; accuracy against epsilon per norm)."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+from eval.attack_names import attack_labels, in_255ths
 from eval.certify import largest_certifiable_radius
+from eval.records import RECORDS_FORMAT
 from eval.summary import accuracy
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_text
@@ -21,7 +22,11 @@ def load_summary(eval_dir: str | Path) -> dict:
         from eval.runner import finalize
 
         return finalize(eval_dir)
-    return json.loads(path.read_text())
+    summary = json.loads(path.read_text())
+    if summary.get("records_format") != RECORDS_FORMAT:
+        raise UserError(f"{path}: written by an earlier robustmim (records format {summary.get('records_format', 1)}, "
+                        f"this one reads {RECORDS_FORMAT}); re-run its evaluation with fresh=true")
+    return summary
 
 
 def percent(entry: dict | None) -> str:
@@ -34,41 +39,22 @@ def percent(entry: dict | None) -> str:
     return f"{100 * entry['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
-ATTACK_NAMES = {"pgd": "PGD", "apgdce": "APGD-CE", "apgdt": "APGD-T", "aa": "APGD-CE+T"}
 # Marks a certified accuracy at a radius CERTIFY cannot reach with the run's n and alpha: 0 by construction.
 UNREACHABLE = "†"
-# The whole AutoAttack suite that ran, by the loss field of its key: never one named for another.
-SUITE_NAMES = {"standard": "AutoAttack standard", "rand": "AutoAttack rand"}
 
 
-def in_255ths(epsilon: float) -> bool:
-    """Whether epsilon is a whole number of 255ths (ImageNet's and CIFAR's 8/255 style), so it
-    reads best that way; other values (Fashion-MNIST's 0.05, 0.1) read as they are."""
-    return abs(epsilon * 255 - round(epsilon * 255)) < 0.01
-
-
-def attack_label(name: str) -> str:
-    """pgd10_linf_ce_eps0.03137 -> PGD-10 L∞ ε=8/255 (ce); aa100_linf_cascade_... -> APGD-CE+T-100 ...;
-    aa100_linf_rand_... -> AutoAttack rand (100 steps) ..."""
-    kind_steps, norm, loss, eps = name.split("_")
-    kind, steps = re.fullmatch(r"([a-z]+)(\d+)", kind_steps).groups()
-    epsilon = float(eps[3:])
-    value = f"{round(epsilon * 255)}/255" if norm == "linf" and in_255ths(epsilon) else f"{epsilon:g}"
-    norm_label = "L∞" if norm == "linf" else "L2"
-    if kind == "aa" and loss in SUITE_NAMES:  # aa100_linf_standard_eps... -> AutoAttack standard (100 steps) ...
-        return f"{SUITE_NAMES[loss]} ({steps} steps) {norm_label} ε={value}"
-    return f"{ATTACK_NAMES.get(kind, kind)}-{steps} {norm_label} ε={value} ({loss})"
-
-
-def summary_row(summary: dict) -> dict[str, str]:
+def summary_row(summary: dict, labels: dict[str, str] | None = None) -> dict[str, str]:
+    """One table row; `labels`: the attacks' column names (attack_labels over every summary of
+    the table, so attacks that differ only in a setting get separate columns)."""
+    labels = labels or attack_labels(summary.get("attacks", {}))
     trained = summary.get("trained") or {}
     row = {"method": summary["method"]}
     if trained:  # which encoder and how many fine-tuning images: what a comparison must hold equal
         row["init"] = Path(trained["init"]).stem if trained.get("init") else "scratch"
         row["fine-tuned on"] = str(trained.get("samples_seen", "?"))
     row.update({"n": str(summary["samples"]), "clean": percent(summary.get("clean"))})
-    for name, entry in sorted(summary.get("attacks", {}).items(), key=lambda kv: (kv[1]["norm"], kv[1]["epsilon"])):
-        row[attack_label(name)] = percent(entry)
+    for key, entry in sorted(summary.get("attacks", {}).items(), key=lambda kv: (kv[1]["norm"], kv[1]["epsilon"])):
+        row[labels[key]] = percent(entry)
     certify = summary.get("certify")
     if certify:
         n = summary["samples"]
@@ -89,6 +75,14 @@ def markdown_table(rows: list[tuple[str, dict[str, str]]]) -> str:
     for label, row in rows:
         lines.append(f"| {label} | " + " | ".join(row.get(c, "–") for c in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def summaries_table(summaries: list[tuple[str, dict]]) -> str:
+    """One row per evaluation; an attack's column is shared by the evaluations that ran it with
+    the same settings (its key), so a column never mixes attacks that differ in any setting."""
+    every_attack = {key: fields for _, s in summaries for key, fields in s.get("attacks", {}).items()}
+    labels = attack_labels(every_attack)
+    return markdown_table([(label, summary_row(s, labels)) for label, s in summaries])
 
 
 def pgd_curves(summaries: list[tuple[str, dict]], norm: str) -> list[tuple[str, list[tuple[float, float]]]]:
@@ -152,13 +146,14 @@ def write_report(eval_dirs: list[str], out_dir: str | Path) -> str:
         if not Path(eval_dir).is_dir():
             raise UserError(f"evaluation directory not found: {eval_dir}")
         summaries.append((Path(eval_dir).name, load_summary(eval_dir)))
-    table = markdown_table([(label, summary_row(s)) for label, s in summaries])
+    table = summaries_table(summaries)
     plots = write_plots(summaries, out)
-    notes = ["", "Accuracies in %, over `n` samples, with 95% Clopper-Pearson intervals; randomized models are attacked end to end with EOT and "
-             "scored by a majority of noise draws; certified accuracy counts abstentions as wrong."]
+    notes = ["", "Accuracies in %, over `n` samples, with 95% Clopper-Pearson intervals; randomized models are "
+             "attacked end to end with EOT and scored by a majority of noise draws; certified accuracy counts "
+             "abstentions as wrong."]
     if UNREACHABLE in table:
-        notes.append(f"{UNREACHABLE} A radius beyond sigma * Phi^-1(alpha^(1/n)), the largest CERTIFY can give with the "
-                     "evaluation's n and alpha: 0 whatever the model; raise certify.n to read it.")
+        notes.append(f"{UNREACHABLE} A radius beyond sigma * Phi^-1(alpha^(1/n)), the largest CERTIFY can give with "
+                     "the evaluation's n and alpha: 0 whatever the model; raise certify.n to read it.")
     notes += [f"![{p.stem}]({p.name})" for p in plots]
     atomic_write_text(out / "report.md", "# Robustness report\n\n" + table + "\n".join(notes) + "\n")
     return table

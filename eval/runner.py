@@ -25,12 +25,13 @@ from pipeline.data.dali import DaliLoader
 from pipeline.data.shardset import open_shards
 from pipeline.models.deployed import DefenseKind, load_deployed, read_spec
 from eval.apgd import autoattack
+from eval.attack_names import attack_key, autoattack_fields, pgd_fields, planned_attacks
 from eval.attacks import pgd_attack
 from eval.certify import ABSTAIN, certify, largest_certifiable_radius, predict
 from eval.config import AutoAttackVersion, EvalConfig
-from pipeline.engine.config import Precision
+from pipeline.engine.config import uses_bf16
 from eval.model import EvalModel
-from eval.records import MERGED, RECORDS_DIR, RecordWriter, merge_records, recorded_indices
+from eval.records import MERGED, RECORDS_DIR, RECORDS_FORMAT, RecordWriter, merge_records, recorded_indices
 from eval.sampling import CERTIFY_ESTIMATE, CERTIFY_SELECT, CLEAN, PREDICT, sample_generator, selected_indices
 from eval.summary import cohen_table, summarize
 
@@ -80,6 +81,7 @@ def record_settings(cfg: EvalConfig) -> dict:
     for section in ("certify", "predict"):
         if not getattr(cfg, section).enabled:
             flat = {k: v for k, v in flat.items() if not k.startswith(f"{section}.") or k == f"{section}.enabled"}
+    flat["records_format"] = RECORDS_FORMAT  # records of another format cannot be merged with these
     return {k: v for k, v in sorted(flat.items()) if k not in PERFORMANCE_ONLY}
 
 
@@ -110,6 +112,7 @@ def write_plan(cfg: EvalConfig, check_previous: bool = True) -> dict:
             "certify_sigma": certify_sigma(cfg, spec), "shards": str(cfg.shards), "split": cfg.split,
             "split_size": shards.total, "seed": cfg.seed, "radii": list(cfg.certify.radii),
             "indices": selected_indices(shards.total, cfg.every_nth, cfg.max_samples),
+            "attacks": planned_attacks(cfg),  # every attack result's key and settings
             "record_settings": settings, "settings_digest": settings_digest(settings),
             "trained": {k: spec.trained[k] for k in ("init", "samples_seen", "step") if k in spec.trained}}
     if check_previous and cfg.certify.enabled and plan["certify_sigma"]:
@@ -159,11 +162,11 @@ def evaluate_batch(model: EvalModel, images, labels, indices: list[int], cfg: Ev
     for number, attack in enumerate(cfg.attacks):
         per_epsilon = pgd_attack(model, images, labels, indices, attack, number, cfg.seed, cfg.compact_attacks)
         for epsilon, result in zip(attack.epsilons, per_epsilon):
-            results[attack.name(epsilon)] = result
+            results[attack_key(pgd_fields(attack, epsilon))] = result
     if cfg.autoattack.enabled:
         aa = cfg.autoattack
         for part, result in autoattack(model, images, labels, indices, aa, cfg.seed, cfg.compact_attacks).items():
-            results[aa.name(part.replace("-", ""))] = result
+            results[attack_key(autoattack_fields(aa, part.replace("-", "")))] = result
     shared = (time.perf_counter() - started) / len(indices)
     host = {name: {k: v.tolist() for k, v in result.items()} for name, result in results.items()}  # one read
     for position, record in enumerate(records):
@@ -192,18 +195,25 @@ def evaluate_batch(model: EvalModel, images, labels, indices: list[int], cfg: Ev
 
 
 def evaluate_chunk(cfg: EvalConfig, plan: dict, rank: int, world_size: int, local_rank: int,
-                   device: torch.device) -> int:
-    """Evaluate this rank's chunk of the plan's indices, skipping recorded ones; returns the count."""
+                   device: torch.device, show_progress: bool = False) -> int:
+    """Evaluate this rank's chunk of the plan's indices, skipping recorded ones; returns the count.
+    With `show_progress`, a progress bar (plain lines in Slurm logs) with samples/s and ETA."""
+    from pipeline.engine.metrics import Progress
+
     module, spec = load_deployed(cfg.model, device)
     model = EvalModel(module, spec)
     loader = loader_for(cfg, spec, rank, world_size, local_rank)
     out = Path(cfg.out_dir)
     selected, done = set(plan["indices"]), recorded_indices(out)
+    chunk = range(loader.first_index, loader.first_index + loader.chunk_size)
+    todo = sum(1 for i in chunk if i in selected and i not in done)
+    progress = Progress(todo, 0, "sample", "eval: samples") if show_progress else None
+    started = time.perf_counter()
     writer = RecordWriter(out, rank)
     pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (index, image, label) awaiting a full batch
     evaluated, index = 0, loader.first_index
 
-    bf16 = cfg.precision is Precision.bf16 or (cfg.precision is Precision.auto and device.type == "cuda")
+    bf16 = uses_bf16(cfg.precision, device.type == "cuda")
 
     def flush() -> None:
         images = torch.stack([image for _, image, _ in pending]).to(device)
@@ -214,6 +224,9 @@ def evaluate_chunk(cfg: EvalConfig, plan: dict, rank: int, world_size: int, loca
         for record in records:
             writer.write(record)
         pending.clear()
+        if progress:
+            rate = evaluated / (time.perf_counter() - started)
+            progress.show(evaluated, f"{rate:.2f} samples/s, eta {(todo - evaluated) / rate / 60:.1f} min")
 
     try:
         # A sparse subset (every 50th image) leaves few samples per loader batch: gather them
@@ -230,6 +243,8 @@ def evaluate_chunk(cfg: EvalConfig, plan: dict, rank: int, world_size: int, loca
             flush()
     finally:
         writer.close()
+        if progress:
+            progress.close()
     return evaluated
 
 
@@ -239,6 +254,10 @@ def finalize(out_dir: str | Path) -> dict:
     if not (out / PLAN).is_file():
         raise UserError(f"{out}: no {PLAN}; not an evaluation directory")
     plan = json.loads((out / PLAN).read_text())
+    made_as = plan.get("record_settings", {}).get("records_format", 1)
+    if made_as != RECORDS_FORMAT:
+        raise UserError(f"{out / PLAN}: an evaluation by an earlier robustmim (records format {made_as}, this one "
+                        f"merges {RECORDS_FORMAT}); re-run it with fresh=true")
     records = merge_records(out, plan["indices"], plan.get("settings_digest"))
     atomic_write_text(out / MERGED, "".join(json.dumps(r) + "\n" for r in records))
     if records and "certify" in records[0]:
@@ -270,7 +289,8 @@ def run_eval(cfg: EvalConfig, rank: int | None = None, world_size: int | None = 
             atomic_write_json(out / PLAN, plan)
         if collective:
             torch.distributed.barrier()
-        evaluated = evaluate_chunk(cfg, plan, rank, world_size, env.local_rank if not array_task else 0, device)
+        evaluated = evaluate_chunk(cfg, plan, rank, world_size, env.local_rank if not array_task else 0, device,
+                                   show_progress=rank == 0 or array_task)
         if collective:
             torch.distributed.barrier()  # every rank's records are complete
         summary = finalize(out) if merge and rank == 0 and not array_task else None

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
+from eval.attack_names import attack_label, resolve_attack
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_text
 
@@ -33,16 +34,17 @@ class ClaimConfig:
     claim: str = ""  # the paper's claim in one sentence, printed above its table
     treatment: str = MISSING  # the evaluation directory of the arm the claim is about
     control: str = MISSING  # the evaluation directory of its control arm
-    # Per-sample accuracies compared: "clean", an attack key of the records
-    # (e.g. pgd10_linf_ce_eps0.05, aa100_linf_cascade_eps0.05), or certified_r<radius>.
+    # Per-sample accuracies compared: "clean", certified_r<radius>, or an attack: its records key or
+    # the key's head (e.g. pgd10_linf_ce_eps0.05, aa50_linf_cascade_eps0.05) when that names one
+    # attack. Both arms must have run it with every setting equal (the same key).
     metrics: list[str] = field(default_factory=lambda: ["clean"])
 
 
 @dataclass
 class StudyConfig:
-    title: str = "Robustness claims, tested"
+    title: str = "Robustness claims, tested"  # the report's heading
     runs: str = "runs/demo"  # where the arms' runs live; claims refer to it as ${runs}
-    claims: list[ClaimConfig] = field(default_factory=list)
+    claims: list[ClaimConfig] = field(default_factory=list)  # each: name, claim, treatment, control, metrics
     alpha: float = 0.05  # two-sided level of each paired test
     out: str = "docs/results.md"  # the report; its plots go to a folder of the same stem beside it
     produced_by: str = "robustmim study"  # the command recorded in the report's header
@@ -89,7 +91,8 @@ def load_records(eval_dir: str | Path) -> dict[int, dict]:
 
 
 def outcomes(record: dict, metric: str) -> bool | None:
-    """Whether the sample counts as correct under `metric`; None when the record lacks it."""
+    """Whether the sample counts as correct under `metric` (an attack's full key); None when
+    the record lacks it."""
     if metric == "clean":
         return record["clean"]["correct"] if "clean" in record else None
     if metric.startswith(CERTIFIED_PREFIX):
@@ -106,10 +109,32 @@ def available_metrics(record: dict) -> list[str]:
     return found + ([f"{CERTIFIED_PREFIX}<radius>"] if "certify" in record else [])
 
 
+def resolve_metric(claim: ClaimConfig, metric: str, treatment: dict[int, dict], control: dict[int, dict]) -> str:
+    """The records key both arms hold for `metric`; an error when an arm lacks it or when the
+    arms ran the attack with different settings (a comparison they cannot support)."""
+    if metric == "clean" or metric.startswith(CERTIFIED_PREFIX):
+        return metric
+    keys = []
+    for arm, records in ((claim.treatment, treatment), (claim.control, control)):
+        first = next(iter(records.values()))
+        try:
+            key = resolve_attack(metric, first.get("attacks", {}))
+        except UserError as e:
+            raise UserError(f"claim {claim.name}: {arm}: {e}") from None
+        if key is None:
+            raise UserError(f"claim {claim.name}: {arm} has no metric {metric!r}; it has "
+                            f"{', '.join(available_metrics(first))}")
+        keys.append(key)
+    if keys[0] != keys[1]:
+        raise UserError(f"claim {claim.name}: the arms ran {metric!r} with different settings ({claim.treatment}: "
+                        f"{keys[0]}; {claim.control}: {keys[1]}); evaluate both with the same attack")
+    return keys[0]
+
+
 def paired(claim: ClaimConfig, treatment: dict[int, dict], control: dict[int, dict], metric: str
            ) -> tuple[list[bool], list[bool]]:
     """Both arms' outcomes on the same images, in index order; an error when the arms were not
-    evaluated on the same images (or labels) or lack the metric."""
+    evaluated on the same images (or labels) or a record lacks the metric."""
     if treatment.keys() != control.keys():
         only_t, only_c = sorted(treatment.keys() - control.keys()), sorted(control.keys() - treatment.keys())
         raise UserError(f"claim {claim.name}: {claim.treatment} and {claim.control} were evaluated on different "
@@ -123,37 +148,39 @@ def paired(claim: ClaimConfig, treatment: dict[int, dict], control: dict[int, di
         for arm, records, out in ((claim.treatment, treatment, pairs_t), (claim.control, control, pairs_c)):
             value = outcomes(records[idx], metric)
             if value is None:
-                raise UserError(f"claim {claim.name}: {arm} has no metric {metric!r}; it has "
+                raise UserError(f"claim {claim.name}: {arm} has no metric {metric!r} for test index {idx}; it has "
                                 f"{', '.join(available_metrics(records[idx]))}")
             out.append(value)
     return pairs_t, pairs_c
 
 
-def metric_label(metric: str, records: dict[int, dict]) -> str:
-    from eval.report import attack_label
-
+def metric_label(metric: str, records: dict[int, dict], attacks: dict[str, dict]) -> str:
+    """`attacks`: the treatment arm's attack settings by key (its summary's)."""
     if metric == "clean":
         return "clean"
     if metric.startswith(CERTIFIED_PREFIX):
         sigma = next(iter(records.values()))["certify"]["sigma"]
         return f"certified r={metric[len(CERTIFIED_PREFIX):]} (σ={sigma:g})"
-    return attack_label(metric)
+    return attack_label(attacks[metric])
 
 
 def compare_claim(claim: ClaimConfig, alpha: float) -> list[dict]:
     """One row per metric: both arms' accuracies (95% Clopper-Pearson), the difference in
     points, the discordant counts, the exact McNemar p-value and the verdict."""
+    from eval.report import load_summary
     from eval.summary import accuracy
 
     treatment, control = load_records(claim.treatment), load_records(claim.control)
-    if not treatment:
-        raise UserError(f"claim {claim.name}: {claim.treatment} has no records")
+    if not treatment or not control:
+        raise UserError(f"claim {claim.name}: {claim.treatment if not treatment else claim.control} has no records")
+    attacks = load_summary(claim.treatment).get("attacks", {})
     rows = []
     for metric in claim.metrics:
-        pairs_t, pairs_c = paired(claim, treatment, control, metric)
+        key = resolve_metric(claim, metric, treatment, control)
+        pairs_t, pairs_c = paired(claim, treatment, control, key)
         test = mcnemar_exact(pairs_t, pairs_c)
         arm_t, arm_c = accuracy(sum(pairs_t), len(pairs_t)), accuracy(sum(pairs_c), len(pairs_c))
-        rows.append({"metric": metric, "label": metric_label(metric, treatment), "n": len(pairs_t),
+        rows.append({"metric": metric, "key": key, "label": metric_label(key, treatment, attacks), "n": len(pairs_t),
                      "treatment": arm_t, "control": arm_c,
                      "difference": arm_t["accuracy"] - arm_c["accuracy"], **test, "verdict": verdict(test, alpha)})
     return rows
@@ -178,7 +205,7 @@ def claim_section(claim: ClaimConfig, rows: list[dict]) -> str:
 def run_study(cfg: StudyConfig, now: datetime.datetime | None = None) -> dict:
     """Compare every claim, write the markdown report (plus the plots of all arms) and a JSON of
     every number beside it; returns that JSON's content."""
-    from eval.report import load_summary, markdown_table, summary_row, write_plots
+    from eval.report import load_summary, summaries_table, write_plots
 
     if not cfg.claims:
         raise UserError("the study has no claims")
@@ -203,7 +230,7 @@ def run_study(cfg: StudyConfig, now: datetime.datetime | None = None) -> dict:
         "## Verdicts", "", "| claim | metric | difference (pts) | p | verdict |", "|---|---|---|---|---|",
         *verdicts, "", "## Claims", "",
         *[claim_section(claim, results[claim.name]) for claim in cfg.claims],
-        "## Every arm", "", markdown_table([(label, summary_row(s)) for label, s in summaries]),
+        "## Every arm", "", summaries_table(summaries),
         *[f"![{p.stem}]({plots_dir.name}/{p.name})" for p in plots], ""])
     atomic_write_text(out, text)
     atomic_write_text(out.with_suffix(".json"), json.dumps({"produced_by": cfg.produced_by, "date": when,

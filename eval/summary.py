@@ -4,6 +4,7 @@ intervals, certified accuracy at each radius (and on a 0.01 grid), Cohen's TSV."
 from __future__ import annotations
 
 from eval.certify import clopper_pearson_lower
+from eval.records import RECORDS_FORMAT
 
 RADIUS_GRID_STEP = 0.01
 
@@ -27,18 +28,16 @@ def certified_accuracy(records: list[dict], radius: float) -> float:
 
 
 def summarize(records: list[dict], plan: dict) -> dict:
-    summary = {"model": plan["model"], "method": plan["method"], "defense": plan["defense"],
-               "split": plan["split"], "samples": len(records), "seed": plan["seed"],
+    summary = {"records_format": RECORDS_FORMAT, "model": plan["model"], "method": plan["method"],
+               "defense": plan["defense"], "split": plan["split"], "samples": len(records), "seed": plan["seed"],
                "trained": plan.get("trained", {})}
     if records and "clean" in records[0]:
         summary["clean"] = accuracy(sum(r["clean"]["correct"] for r in records), len(records))
     attacks = {}
-    for name in records[0].get("attacks", {}) if records else []:
-        eps = name.rsplit("_eps", 1)[1]
-        attacks[name] = {**accuracy(sum(r["attacks"][name]["correct"] for r in records), len(records)),
-                         "attack": name.split("_")[0].rstrip("0123456789"),  # pgd, apgdce, apgdt, aa
-                         "epsilon": float(eps), "norm": name.split("_")[1],
-                         "max_distance": max(r["attacks"][name]["distance"] for r in records)}
+    for key in records[0].get("attacks", {}) if records else []:
+        attacks[key] = {**accuracy(sum(r["attacks"][key]["correct"] for r in records), len(records)),
+                        **plan["attacks"][key],  # the attack's settings: attack, norm, epsilon, steps, ...
+                        "max_distance": max(r["attacks"][key]["distance"] for r in records)}
     if attacks:
         summary["attacks"] = attacks
     if records and "certify" in records[0]:

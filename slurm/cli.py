@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from robustmim.config_help import field_help
+from slurm.config import ClusterKind, SlurmConfig
+
 # flag -> SlurmConfig key
 FLAGS = {"nodes": int, "gpus_per_node": int, "tasks_per_node": int, "cpus_per_task": int, "mem_gb": int,
          "partition": str, "account": str, "qos": str, "time": str, "constraint": str,
@@ -18,9 +21,12 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="the stage's experiment YAML")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="the stage's dotted overrides")
     parser.add_argument("--slurm-config", help="YAML of SlurmConfig values; flags below override it")
+    helps = field_help(SlurmConfig)  # each flag's help is its SlurmConfig field's comment
     for name, kind in FLAGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, dest=f"slurm_{name}")
-    parser.add_argument("--exclusive", action="store_true", dest="slurm_exclusive")
+        choices = [c.value for c in ClusterKind] if name == "cluster" else None
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, dest=f"slurm_{name}", choices=choices,
+                            metavar=None if choices else name.upper(), help=helps[name])
+    parser.add_argument("--exclusive", action="store_true", dest="slurm_exclusive", help=helps["exclusive"])
     parser.add_argument("--run-dir", help="where a `check` job writes (training stages use their run_dir)")
     parser.add_argument("--array-tasks", type=int, help="eval: number of array tasks (default: one per eval shard)")
     parser.add_argument("--dry-run", action="store_true", help="print the batch script and plan; submit nothing")
@@ -30,7 +36,6 @@ def run_submit(args: argparse.Namespace) -> int:
     from robustmim.config import load_config
     from robustmim.errors import UserError
     from pipeline.cli import TRAINING_STAGES, resolve
-    from slurm.config import SlurmConfig
     from slurm.launch import estimate_memory, submit
 
     flags = [f"{name}={getattr(args, 'slurm_' + name)}" for name in FLAGS if getattr(args, "slurm_" + name) is not None]
@@ -113,14 +118,18 @@ def run_status(args: argparse.Namespace) -> int:
 
     from robustmim.errors import UserError
     from pipeline.engine.metrics import read_metrics
+    from pipeline.engine.run_state import read_run_state
     from pipeline.cli import format_validation
     from slurm.job import ATTEMPTS_FILE
     from slurm.jobs import FINISHED, job_state, read_submissions
 
     run_dir = Path(args.run_dir)
     submissions = read_submissions(run_dir)
-    if not submissions:
-        raise UserError(f"no jobs submitted for {run_dir} (no {run_dir / 'jobs.jsonl'})")
+    provenance = run_dir / "provenance.json"
+    if not submissions and not provenance.is_file():
+        raise UserError(f"{run_dir}: not a run or evaluation directory (no provenance.json, no jobs.jsonl)")
+    stage = json.loads(provenance.read_text())["stage"] if provenance.is_file() else submissions[0]["stage"]
+    print(f"{run_dir}: {stage}" + ("" if submissions else " (started here, no Slurm jobs)"))
     attempts = [json.loads(line) for line in (run_dir / ATTEMPTS_FILE).read_text().splitlines()] \
         if (run_dir / ATTEMPTS_FILE).is_file() else []
     problems = 0
@@ -134,6 +143,11 @@ def run_status(args: argparse.Namespace) -> int:
             for log, tail in failed_task_logs(Path(job["logs"]), job["job_id"]):
                 print(f"  error log: {log}")
                 print("".join(f"    {line}\n" for line in tail), end="")
+    if (run_dir / "manifest.json").is_file():  # a shards directory
+        from shards.manifest import load_manifest, summary_text
+
+        print(summary_text(load_manifest(run_dir), run_dir))
+        return 1 if problems else 0
     records = read_metrics(run_dir)
     training = [r for r in records if "loss" in r]
     if training:
@@ -150,6 +164,10 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"evaluation: {len(recorded_indices(run_dir))} of {wanted} samples recorded"
               f"{'; merged' if (run_dir / 'summary.json').is_file() else ''}")
         return 1 if problems else 0
+    state = read_run_state(run_dir)
+    if state:  # how the last attempt of a training run ended (running: or killed without a word)
+        ended = f", stopped by {state['stopped_by']}" if state.get("stopped_by") else ""
+        print(f"run state: {state['state']} at step {state['step']}/{state['total_steps']}{ended}")
     latest = run_dir / "checkpoints" / "latest"
     print(f"last checkpoint: {latest.read_text().strip() if latest.is_file() else 'none'}")
     return 1 if problems else 0

@@ -24,6 +24,7 @@ from pipeline.data.dali import DaliLoader
 from pipeline.models.classifier import ViTClassifier
 from pipeline.models.deployed import DefenseKind, DeploymentSpec
 from eval.apgd import autoattack, checkpoints, dlr_untargeted
+from eval.attack_names import attack_key, attack_label, attack_labels, autoattack_fields, pgd_fields, planned_attacks
 from eval.attacks import pgd_attack
 from eval.certify import ABSTAIN, certify, clopper_pearson_lower, largest_certifiable_radius, predict
 from eval.config import AutoAttackConfig, PGDConfig
@@ -112,6 +113,7 @@ def test_pgd_respects_the_budget_and_breaks_a_trained_model(trained, norm_name, 
     assert clean > 0.3 and robust < 0.5 * clean, (clean, robust)  # measured: 0.41 -> 0.07 (linf 0.1)
 
 
+@pytest.mark.slow
 def test_apgd_cascade_stays_in_the_ball_and_is_at_least_as_strong_as_pgd(trained):
     images, labels = val_batch(trained["shards"], 64)
     model = EvalModel(trained["model"], plain_spec())
@@ -130,6 +132,7 @@ def test_apgd_cascade_stays_in_the_ball_and_is_at_least_as_strong_as_pgd(trained
     assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]  # AutoAttack's schedule for 100 steps
 
 
+@pytest.mark.slow
 def test_apgd_matches_torchattacks_apgd_on_the_same_model_and_inputs(trained):
     """Our APGD-CE and the APGD-CE -> APGD-T cascade against torchattacks' APGD and APGDT (ports of
     AutoAttack's own) on 200 validation images: robust accuracy within 1 point (2 images)."""
@@ -146,8 +149,8 @@ def test_apgd_matches_torchattacks_apgd_on_the_same_model_and_inputs(trained):
         with torch.no_grad():
             return network(adv).argmax(-1) == y
 
-    reference_ce = robust(torchattacks.APGD(network, norm="Linf", eps=eps, steps=steps, seed=0, loss="ce")(images, labels),
-                          labels)
+    apgd_ce = torchattacks.APGD(network, norm="Linf", eps=eps, steps=steps, seed=0, loss="ce")
+    reference_ce = robust(apgd_ce(images, labels), labels)
     apgd_t = torchattacks.APGDT(network, norm="Linf", eps=eps, steps=steps, seed=0, n_classes=10)
     apgd_t.n_target_classes = targets  # the top 3 other classes, as ours
     survivors = labels[reference_ce]
@@ -163,6 +166,7 @@ def test_apgd_matches_torchattacks_apgd_on_the_same_model_and_inputs(trained):
     assert abs(measured["ours_aa"] - measured["theirs_aa"]) <= 0.01 + 1e-9, measured
 
 
+@pytest.mark.slow
 def test_apgd_on_a_randomized_model_is_not_weaker_than_pgd(trained):
     """A smoothing base classifier (σ 0.25) under EOT: APGD scores its candidate iterates by the same
     majority vote as PGD, so it may not come out weaker. Robust images of 64, measured when written
@@ -174,8 +178,8 @@ def test_apgd_on_a_randomized_model_is_not_weaker_than_pgd(trained):
     indices = list(range(64))
     pgd, = pgd_attack(model, images, labels, indices, load_config(PGDConfig, None, [
         "epsilons=[0.1]", "steps=20", "eot=4", "score_draws=8"]), 0, seed=0)
-    aa = load_config(AutoAttackConfig, None, ["enabled=true", "version=apgd", "epsilon=0.1", "steps=20", "targets=0", "eot=4",
-                                              "score_draws=8"])
+    aa = load_config(AutoAttackConfig, None, ["enabled=true", "version=apgd", "epsilon=0.1", "steps=20", "targets=0",
+                                              "eot=4", "score_draws=8"])
     apgd_ce = autoattack(model, images, labels, indices, aa, seed=0)["apgd-ce"]
     clean = model.vote(images, [torch.Generator().manual_seed(i) for i in indices], 8) == labels
     measured = (clean.float().mean().item(), pgd["correct"].float().mean().item(),
@@ -196,7 +200,8 @@ def test_standard_autoattack_runs_the_whole_suite_after_apgd_ce(trained):
                                               "targets=2", "square_queries=20"])
     indices = list(range(100, 148))
     results = autoattack(model, images, labels, indices, aa, seed=3)
-    assert set(results) == {"aa"} and aa.name("aa") == "aa10_linf_standard_eps0.0157"
+    assert set(results) == {"aa"}
+    assert attack_key(autoattack_fields(aa, "aa")) == "aa10_linf_standard_eps0.0157_targets2_queries20"
     suite = results["aa"]
     apgd_ce_alone = torchattacks.APGD(trained["model"], norm="Linf", eps=0.0157, steps=10, seed=3 + 100,
                                       loss="ce")(images, labels)
@@ -216,23 +221,55 @@ def test_rand_autoattack_adds_untargeted_apgd_dlr_with_eot(trained):
     aa = load_config(AutoAttackConfig, None, ["enabled=true", "version=rand", "epsilon=0.05", "steps=5", "eot=2",
                                               "score_draws=3"])
     results = autoattack(model, images, labels, list(range(24)), aa, seed=0)
-    assert set(results) == {"apgd-ce", "aa"} and aa.name("aa") == "aa5_linf_rand_eps0.05"
+    assert set(results) == {"apgd-ce", "aa"}
+    assert attack_key(autoattack_fields(aa, "aa")) == "aa5_linf_rand_eps0.05_eot2_votes3"
+    assert attack_key(autoattack_fields(aa, "apgdce")) == "apgdce5_linf_ce_eps0.05_eot2_votes3"
     assert (results["aa"]["correct"] <= results["apgd-ce"]["correct"]).all()
     assert (results["aa"]["distance"] <= 0.05 + 1e-6).all()
     z = torch.tensor([[3.0, 1.0, 0.0, -1.0], [0.0, 2.0, 1.0, -3.0]])  # DLR: -(z_y - max other) / (z_1 - z_3)
     assert torch.allclose(dlr_untargeted(z, torch.tensor([0, 2])), torch.tensor([-(3 - 1) / 3.0, -(1 - 2) / 2.0]))
 
 
-@pytest.mark.parametrize("name, label", [
-    ("aa100_linf_standard_eps0.01569", "AutoAttack standard (100 steps) L∞ ε=4/255"),
-    ("aa20_l2_rand_eps0.5", "AutoAttack rand (20 steps) L2 ε=0.5"),
-    ("aa50_linf_cascade_eps0.05", "APGD-CE+T-50 L∞ ε=0.05 (cascade)"),
-    ("pgd10_linf_ce_eps0.03137", "PGD-10 L∞ ε=8/255 (ce)"),
+@pytest.mark.parametrize("part, overrides, key, label", [
+    ("aa", ["version=standard", "steps=100", "epsilon=0.01569"], "aa100_linf_standard_eps0.01569_targets9_queries5000",
+     "AutoAttack standard (100 steps) L∞ ε=4/255"),
+    ("aa", ["version=rand", "steps=20", "norm=l2", "epsilon=0.5"], "aa20_l2_rand_eps0.5_eot20_votes8",
+     "AutoAttack rand (20 steps) L2 ε=0.5"),
+    ("aa", ["version=apgd", "steps=50", "epsilon=0.05"], "aa50_linf_cascade_eps0.05_eot20_votes8_targets9",
+     "APGD-CE+T-50 L∞ ε=0.05 (cascade)"),
+    ("apgdce", ["version=apgd", "steps=50", "epsilon=0.05"], "apgdce50_linf_ce_eps0.05_eot20_votes8",
+     "APGD-CE-50 L∞ ε=0.05 (ce)"),
 ])
-def test_the_report_names_the_suite_that_ran(name, label):
-    from eval.report import attack_label
+def test_the_report_names_the_suite_that_ran(part, overrides, key, label):
+    fields = autoattack_fields(load_config(AutoAttackConfig, None, ["enabled=true", *overrides]), part)
+    assert (attack_key(fields), attack_label(fields)) == (key, label)
 
-    assert attack_label(name) == label
+
+def test_attack_keys_hold_every_setting_and_an_attack_configured_twice_is_refused():
+    """Two PGD attacks that differ only in step size, restarts, EOT, votes or random start get
+    their own keys (neither overwrites the other's results); the same attack twice is refused."""
+    from eval.config import EvalConfig
+
+    base = "{epsilons: [0.05], steps: 10, eot: 8, score_draws: 8"
+    variants = ["", ", step_size: 0.01", ", restarts: 2", ", eot: 4", ", score_draws: 4", ", random_start: false"]
+    cfg = load_config(EvalConfig, None, ["model=m", "shards=s", "out_dir=o",
+                                        f"attacks=[{', '.join(base + v + '}' for v in variants)}]"])
+    planned = planned_attacks(cfg)
+    assert list(planned) == [
+        "pgd10_linf_ce_eps0.05_step0.0125_restarts1_eot8_votes8",
+        "pgd10_linf_ce_eps0.05_step0.01_restarts1_eot8_votes8",
+        "pgd10_linf_ce_eps0.05_step0.0125_restarts2_eot8_votes8",
+        "pgd10_linf_ce_eps0.05_step0.0125_restarts1_eot4_votes8",
+        "pgd10_linf_ce_eps0.05_step0.0125_restarts1_eot8_votes4",
+        "pgd10_linf_ce_eps0.05_step0.0125_restarts1_eot8_votes8_nostart"]
+    assert {attack_label(fields) for fields in planned.values()} == {"PGD-10 L∞ ε=0.05 (ce)"}
+    assert len(set(attack_labels(planned).values())) == len(variants)  # the report tells them apart
+    first = next(iter(planned))
+    assert attack_labels(planned)[first] == "PGD-10 L∞ ε=0.05 (ce, step 0.0125, restarts 1, eot 8, votes 8)"
+    twice = load_config(EvalConfig, None, ["model=m", "shards=s", "out_dir=o", f"attacks=[{base}}}, {base}}}]"])
+    with pytest.raises(UserError, match=r"attacks.1: pgd10_linf_ce_eps0.05_step0.0125_restarts1_eot8_votes8 is "
+                                        r"configured twice"):
+        planned_attacks(twice)
 
 
 def saved_bytes_peak(fn) -> int:
@@ -278,6 +315,7 @@ def test_eot_gradients_are_exact_and_their_memory_does_not_grow_with_the_draws(t
     assert peaks[16] == peaks[4] and peaks[4] <= 1.05 * peaks[1], peaks  # one draw's graph at a time
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("defense", ["plain", "smoothed"])
 def test_compacted_attacks_give_the_records_of_full_attacks(trained, defense):
     """Later restarts, larger epsilons and APGD-T targets on the still-robust samples only:
@@ -287,8 +325,8 @@ def test_compacted_attacks_give_the_records_of_full_attacks(trained, defense):
     model = EvalModel(trained["model"], spec)
     indices = list(range(100, 124))
     pgd = load_config(PGDConfig, None, ["epsilons=[0.03, 0.01]", "steps=3", "restarts=2", "eot=2", "score_draws=3"])
-    aa = load_config(AutoAttackConfig, None, ["enabled=true", "version=apgd", "epsilon=0.02", "steps=4", "targets=3", "eot=2",
-                                              "score_draws=3"])
+    aa = load_config(AutoAttackConfig, None, ["enabled=true", "version=apgd", "epsilon=0.02", "steps=4", "targets=3",
+                                              "eot=2", "score_draws=3"])
     for compact_result, full_result in [
             (pgd_attack(model, images, labels, indices, pgd, 0, seed=5, compact=True),
              pgd_attack(model, images, labels, indices, pgd, 0, seed=5, compact=False)),
@@ -398,6 +436,7 @@ def test_abstention_on_the_boundary_and_predict_s_binomial_test():
 
 
 # -- the command: sharding, resume, merge, report --------------------------------------------
+PGD3 = "pgd3_linf_ce_eps0.0157_step0.01308_restarts1_eot2_votes3"  # EVAL_SETTINGS' attack: 2.5 * 0.0157 / 3 steps
 EVAL_SETTINGS = ["every_nth=250", "batch_size=16", "num_threads=1", "eval_crop_fraction=1.0", "clean_draws=4",
                  "attacks=[{epsilons: [0.0157], steps: 3, eot: 2, score_draws: 3}]",
                  "certify.enabled=true", "certify.n0=20", "certify.n=200", "certify.batch=100",
@@ -426,27 +465,41 @@ def one_rank(trained, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_one_rank_eval_writes_records_cohen_table_and_summary(one_rank):
     records = merged(one_rank)
     assert [r["idx"] for r in records] == list(range(0, 10000, 250))  # every 250th of the val split
     summary = json.loads((one_rank / "summary.json").read_text())
     assert summary["samples"] == 40 and summary["defense"] == "smoothing"
-    assert set(summary["attacks"]) == {"pgd3_linf_ce_eps0.0157"}
+    assert set(summary["attacks"]) == {PGD3}
+    assert {k: summary["attacks"][PGD3][k] for k in ("attack", "norm", "loss", "epsilon", "steps", "eot")} == {
+        "attack": "pgd", "norm": "linf", "loss": "ce", "epsilon": 0.0157, "steps": 3, "eot": 2}
     assert summary["certify"]["sigma"] == 0.25 and "0.25" in summary["certify"]["certified_accuracy"]
     table = (one_rank / "certify.tsv").read_text().splitlines()
     assert table[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime" and len(table) == 41
     for record in records:
-        assert record["attacks"]["pgd3_linf_ce_eps0.0157"]["distance"] <= 0.0157 + 1e-6
+        assert record["attacks"][PGD3]["distance"] <= 0.0157 + 1e-6
         cert = record["certify"]
         assert (cert["predict"] == ABSTAIN) == (cert["radius"] == 0.0 and cert["p_lower"] < 0.5)
 
 
+@pytest.mark.slow
+def test_status_counts_the_recorded_samples_of_an_evaluation(one_rank):
+    shown = subprocess.run([ROBUSTMIM, "status", str(one_rank)], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert f"{one_rank}: eval (started here" in shown.stdout and "evaluation: 40 of 40 samples recorded; merged" \
+        in shown.stdout
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank_record_for_record(trained, one_rank, tmp_path):
     run_eval(trained["smoothed"], trained["shards"], tmp_path / "two", nproc=2)
     assert merged(tmp_path / "two") == merged(one_rank)
     assert {p.name for p in (tmp_path / "two" / "records").iterdir()} == {"rank00000.jsonl", "rank00001.jsonl"}
 
 
+@pytest.mark.slow
 def test_a_killed_eval_resumes_with_every_sample_exactly_once(trained, one_rank, tmp_path):
     out = tmp_path / "killed"
     proc = run_eval(trained["smoothed"], trained["shards"], out, "batch_size=4", wait=False)
@@ -486,6 +539,7 @@ def test_records_made_under_other_settings_do_not_merge(tmp_path):
         merge_records(out, [0, 1, 2], settings_digest="aaaa")
 
 
+@pytest.mark.slow
 def test_a_restart_with_other_attack_settings_is_refused_or_starts_fresh(trained, tmp_path):
     """Half an evaluation, then the same command with another PGD step size: the old records
     would mix with new ones (a different attack), so it is refused naming the setting; with
@@ -508,8 +562,11 @@ def test_a_restart_with_other_attack_settings_is_refused_or_starts_fresh(trained
     assert "attacks.0.step_size: 0.0 -> 0.01" in changed.stderr and "fresh=true" in changed.stderr
     assert records.read_text() == done  # nothing touched
 
-    run_eval(trained["plain"], trained["shards"], out, *plain, "fresh=true",
-             "attacks=[{epsilons: [0.0157], steps: 3, eot: 2, score_draws: 3, step_size: 0.01}]")
+    log = run_eval(trained["plain"], trained["shards"], out, *plain, "fresh=true",
+                   "attacks=[{epsilons: [0.0157], steps: 3, eot: 2, score_draws: 3, step_size: 0.01}]")
+    # progress, as plain lines where stderr is not a terminal: 40 samples in batches of 16
+    assert re.search(r"eval: samples 16/40 [\d.]+ samples/s, eta [\d.]+ min\n", log), log[-2000:]
+    assert "eval: samples 40/40 " in log
     (aside,) = (out / "superseded").iterdir()
     assert (aside / "records" / "rank00000.jsonl").read_text() == done
     plan = json.loads((out / "plan.json").read_text())
@@ -517,19 +574,37 @@ def test_a_restart_with_other_attack_settings_is_refused_or_starts_fresh(trained
     assert {r["settings"] for r in merged(out)} == {plan["settings_digest"]} and len(merged(out)) == 40
 
 
+@pytest.mark.slow
 def test_report_puts_models_in_one_table_with_plots(trained, one_rank, tmp_path):
+    """Two models in one table; the second also ran the first's PGD with another step size: its
+    own key and its own column (detailed labels where short ones would collide), never merged."""
     plain = tmp_path / "plain"
-    run_eval(trained["plain"], trained["shards"], plain, "certify.enabled=false", "predict.enabled=false")
+    run_eval(trained["plain"], trained["shards"], plain, "certify.enabled=false", "predict.enabled=false",
+             "attacks=[{epsilons: [0.0157], steps: 3, eot: 2, score_draws: 3}, "
+             "{epsilons: [0.0157], steps: 3, eot: 2, score_draws: 3, step_size: 0.01}]")
+    assert set(json.loads((plain / "summary.json").read_text())["attacks"]) == {
+        PGD3, PGD3.replace("step0.01308", "step0.01")}
     result = subprocess.run([ROBUSTMIM, "report", str(one_rank), str(plain), "--out", str(tmp_path / "report")],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = (tmp_path / "report" / "report.md").read_text()
     for label in ("one_rank", "plain"):  # the encoder and the fine-tuning budget sit beside the method
-        assert re.search(rf"\| {label} \| standard \| scratch \| {TRAIN_STEPS * 64} \| 40 \| \d+\.\d \[", report), report
-    assert "PGD-3 L∞ ε=4/255 (ce)" in report and "cert. r=0.5 (σ=0.25)" in report
+        row = rf"\| {label} \| standard \| scratch \| {TRAIN_STEPS * 64} \| 40 \| \d+\.\d \["
+        assert re.search(row, report), report
+    assert "cert. r=0.5 (σ=0.25)" in report
+    header, one_rank_row, plain_row = [line for line in report.splitlines()
+                                       if line.startswith(("| model ", "| one_rank ", "| plain "))]
+
+    def split(line: str) -> list[str]:
+        return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+    cells = dict(zip(split(header), split(one_rank_row)))
+    plain_cells = dict(zip(split(header), split(plain_row)))
+    default_step = "PGD-3 L∞ ε=4/255 (ce, step 0.01308, restarts 1, eot 2, votes 3)"
+    other_step = "PGD-3 L∞ ε=4/255 (ce, step 0.01, restarts 1, eot 2, votes 3)"
+    assert cells[default_step] != "–" and cells[other_step] == "–"
+    assert plain_cells[default_step] != "–" and plain_cells[other_step] != "–"
     # n 200, alpha 0.001 at sigma 0.25 reach r 0.456 at most: r 0.5 and beyond are flagged, r 0.25 not
-    header, one_rank_row = [line for line in report.splitlines() if line.startswith(("| model ", "| one_rank "))]
-    cells = dict(zip(header.split(" | "), one_rank_row.split(" | ")))
     assert cells["cert. r=0.5 (σ=0.25)"].endswith("†") and cells["cert. r=3 (σ=0.25)"].endswith("†")
     assert not cells["cert. r=0.25 (σ=0.25)"].endswith("†")
     assert "† A radius beyond sigma * Phi^-1(alpha^(1/n))" in report
@@ -542,30 +617,35 @@ def test_accuracy_vs_epsilon_curves_hold_pgd_only():
     from eval.report import pgd_curves
     from eval.summary import summarize
 
-    def record(i):
-        attacks = {"pgd10_linf_ce_eps0.05": {"correct": i % 2 == 0, "distance": 0.05},
-                   "pgd10_linf_ce_eps0.1": {"correct": i % 4 == 0, "distance": 0.1},
-                   "aa50_linf_cascade_eps0.05": {"correct": False, "distance": 0.05},
-                   "pgd10_l2_ce_eps1": {"correct": i % 5 == 0, "distance": 1.0}}
-        return {"clean": {"correct": True}, "attacks": attacks}
+    pgd = load_config(PGDConfig, None, ["epsilons=[0.05, 0.1]", "steps=10"])
+    pgd_l2 = load_config(PGDConfig, None, ["norm=l2", "epsilons=[1.0]", "steps=10"])
+    cascade = load_config(AutoAttackConfig, None, ["enabled=true", "version=apgd", "epsilon=0.05", "steps=50"])
+    fields = [pgd_fields(pgd, 0.05), pgd_fields(pgd, 0.1), autoattack_fields(cascade, "aa"), pgd_fields(pgd_l2, 1.0)]
+    keys = [attack_key(f) for f in fields]
 
-    plan = {"model": "m", "method": "standard", "defense": "none", "split": "test", "seed": 0}
+    def record(i):
+        outcomes = [(i % 2 == 0, 0.05), (i % 4 == 0, 0.1), (False, 0.05), (i % 5 == 0, 1.0)]
+        return {"clean": {"correct": True},
+                "attacks": {key: {"correct": c, "distance": d} for key, (c, d) in zip(keys, outcomes)}}
+
+    plan = {"model": "m", "method": "standard", "defense": "none", "split": "test", "seed": 0,
+            "attacks": dict(zip(keys, fields))}
     summary = summarize([record(i) for i in range(20)], plan)
-    assert {name: a["attack"] for name, a in summary["attacks"].items()} == {
-        "pgd10_linf_ce_eps0.05": "pgd", "pgd10_linf_ce_eps0.1": "pgd", "aa50_linf_cascade_eps0.05": "aa",
-        "pgd10_l2_ce_eps1": "pgd"}
+    assert [summary["attacks"][key]["attack"] for key in keys] == ["pgd", "pgd", "aa", "pgd"]
     assert pgd_curves([("m", summary)], "linf") == [("m", [(0.0, 1.0), (0.05, 0.5), (0.1, 0.25)])]
     assert pgd_curves([("m", summary)], "l2") == [("m", [(0.0, 1.0), (1.0, 0.2)])]
 
 
+@pytest.mark.slow
 def test_an_eval_with_standard_autoattack_appears_in_the_report(trained, tmp_path):
     out = tmp_path / "standard_aa"
     run_eval(trained["plain"], trained["shards"], out, "certify.enabled=false", "predict.enabled=false", "attacks=[]",
              "autoattack.enabled=true", "autoattack.version=standard", "autoattack.steps=5", "autoattack.targets=2",
              "autoattack.square_queries=20")
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["attacks"]) == {"aa5_linf_standard_eps0.01569"}
-    assert summary["attacks"]["aa5_linf_standard_eps0.01569"]["accuracy"] <= summary["clean"]["accuracy"]
+    (key,) = summary["attacks"]
+    assert key == "aa5_linf_standard_eps0.01569_targets2_queries20"
+    assert summary["attacks"][key]["accuracy"] <= summary["clean"]["accuracy"]
     result = subprocess.run([ROBUSTMIM, "report", str(out), "--out", str(tmp_path / "report")], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -3,6 +3,7 @@ verdicts on per-sample records made here, and the refusals of unpaired arms."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import subprocess
@@ -12,11 +13,16 @@ from scipy.stats import binomtest
 
 from eval.study import (CONTRADICTED, HOLDS, NOT_SIGNIFICANT, ClaimConfig, compare_claim, mcnemar_exact,
                         verdict)
+from eval.attack_names import attack_key, pgd_fields
+from eval.config import PGDConfig
 from eval.summary import summarize
+from robustmim.config import load_config
 from robustmim.errors import UserError
 from tests.helpers import REPO_ROOT, ROBUSTMIM
 
-PGD = "pgd10_linf_ce_eps0.05"
+PGD = "pgd10_linf_ce_eps0.05"  # the head of the arms' attack key: how a study config names it
+PGD_FIELDS = pgd_fields(load_config(PGDConfig, None, ["epsilons=[0.05]", "steps=10"]), 0.05)
+PGD_KEY = attack_key(PGD_FIELDS)  # pgd10_linf_ce_eps0.05_step0.0125_restarts1_eot8_votes8
 
 
 def outcome_pairs(both: int, treatment_only: int, control_only: int, neither: int, seed: int = 0):
@@ -49,8 +55,10 @@ def test_verdict_reads_the_direction_and_the_level():
     assert verdict({"treatment_only": 9, "control_only": 5, "p_value": 0.42}, 0.05) == NOT_SIGNIFICANT
 
 
-def write_arm(directory, clean, attacked, certified_radius=None, labels=None, indices=None):
-    """An evaluation directory as `robustmim eval` leaves it: merged records and their summary."""
+def write_arm(directory, clean, attacked, certified_radius=None, labels=None, indices=None, attack=None):
+    """An evaluation directory as `robustmim eval` leaves it: merged records and their summary.
+    `attack`: the attack's fields (PGD-10 at 0.05 with the default settings unless given)."""
+    attack = attack or PGD_FIELDS
     directory.mkdir(parents=True)
     indices = indices or list(range(0, 20 * len(clean), 20))
     labels = labels or [i % 10 for i in range(len(clean))]
@@ -58,14 +66,15 @@ def write_arm(directory, clean, attacked, certified_radius=None, labels=None, in
     for position, (idx, label) in enumerate(zip(indices, labels)):
         record = {"idx": idx, "label": label,
                   "clean": {"pred": label if clean[position] else (label + 1) % 10, "correct": clean[position]},
-                  "attacks": {PGD: {"correct": attacked[position], "distance": 0.05}}}
+                  "attacks": {attack_key(attack): {"correct": attacked[position], "distance": 0.05}}}
         if certified_radius is not None:
             radius = certified_radius[position]
             record["certify"] = {"predict": label if radius is not None else -1, "radius": radius or 0.0,
                                  "correct": radius is not None, "sigma": 0.25, "n0": 50, "n": 500, "alpha": 0.001}
         records.append(record)
     (directory / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    plan = {"model": str(directory), "method": "m", "defense": "d", "split": "val", "seed": 0, "radii": [0.25]}
+    plan = {"model": str(directory), "method": "m", "defense": "d", "split": "val", "seed": 0, "radii": [0.25],
+            "attacks": {attack_key(attack): attack}}
     (directory / "summary.json").write_text(json.dumps(summarize(records, plan)))
 
 
@@ -124,16 +133,40 @@ def test_arms_on_different_images_or_without_the_metric_are_refused(tmp_path):
         compare_claim(ClaimConfig(name="x", treatment=str(tmp_path / "a"), control=str(tmp_path / "b")), 0.05)
     with pytest.raises(UserError, match="has label"):
         compare_claim(ClaimConfig(name="x", treatment=str(tmp_path / "a"), control=str(tmp_path / "c")), 0.05)
-    with pytest.raises(UserError, match=f"no metric 'aa100_linf_cascade_eps0.05'.*clean, {PGD}"):
+    with pytest.raises(UserError, match=f"no metric 'aa100_linf_cascade_eps0.05'.*clean, {PGD_KEY}"):
         compare_claim(ClaimConfig(name="x", treatment=str(tmp_path / "a"), control=str(tmp_path / "a"),
                                   metrics=["aa100_linf_cascade_eps0.05"]), 0.05)
+
+
+def test_arms_attacked_with_different_settings_are_refused(tmp_path):
+    """The same head (PGD-10, L∞, ce, 0.05) but another step size in the control: not the same
+    attack, so not a paired comparison; the error names both keys. The full key is accepted."""
+    other_step = {**PGD_FIELDS, "step_size": 0.01}
+    write_arm(tmp_path / "a", [True] * 10, [False] * 10)
+    write_arm(tmp_path / "b", [True] * 10, [False] * 10, attack=other_step)
+    with pytest.raises(UserError, match=f"different settings.*{PGD_KEY}.*{attack_key(other_step)}"):
+        compare_claim(ClaimConfig(name="x", treatment=str(tmp_path / "a"), control=str(tmp_path / "b"),
+                                  metrics=[PGD]), 0.05)
+    (row,) = compare_claim(ClaimConfig(name="x", treatment=str(tmp_path / "a"), control=str(tmp_path / "a"),
+                                       metrics=[PGD_KEY]), 0.05)
+    assert row["key"] == PGD_KEY and row["label"] == "PGD-10 L∞ ε=0.05 (ce)"
+
+
+def test_a_head_naming_several_attacks_of_an_arm_is_refused():
+    from eval.attack_names import resolve_attack
+
+    keys = [PGD_KEY, attack_key({**PGD_FIELDS, "step_size": 0.01})]
+    assert resolve_attack(PGD_KEY, keys) == PGD_KEY and resolve_attack("pgd10_linf_ce_eps0.1", keys) is None
+    with pytest.raises(UserError, match=f"names 2 attacks that differ in their settings: {PGD_KEY}"):
+        resolve_attack(PGD, keys)
 
 
 @pytest.mark.parametrize("study, evaluation, finetune", [("tiny_fmnist", "tiny_fmnist", "dmae_tiny_fmnist"),
                                                          ("vitl_in1k", "imagenet", "dmae_vitl_in1k")])
 def test_each_study_metric_is_one_its_evaluation_config_records(study, evaluation, finetune):
-    """The study configs name record keys by hand; each must be one the matching eval config makes,
+    """The study configs name attacks by hand; each must name one attack the matching eval config makes,
     and each certified radius one that CERTIFY can reach with its n and alpha at the DMAE recipe's sigma."""
+    from eval.attack_names import planned_attacks, resolve_attack
     from eval.certify import largest_certifiable_radius
     from eval.config import EvalConfig
     from eval.study import CERTIFIED_PREFIX, StudyConfig
@@ -144,12 +177,29 @@ def test_each_study_metric_is_one_its_evaluation_config_records(study, evaluatio
     ev = load_config(EvalConfig, REPO_ROOT / "configs" / "eval" / f"{evaluation}.yaml")
     sigma = load_config(FinetuneConfig, REPO_ROOT / "configs" / "finetune" / f"{finetune}.yaml").recipe.dmae.sigma
     reach = largest_certifiable_radius(sigma, ev.certify.n, ev.certify.alpha)
-    recorded = {"clean", *(a.name(e) for a in ev.attacks for e in a.epsilons), ev.autoattack.name("aa")}
+    keys = list(planned_attacks(dataclasses.replace(ev, autoattack=dataclasses.replace(ev.autoattack, enabled=True))))
     assert len(cfg.claims) == 4
     for claim in cfg.claims:
         assert claim.treatment != claim.control and claim.metrics
         for metric in claim.metrics:
             if metric.startswith(CERTIFIED_PREFIX):
                 assert 0 < float(metric[len(CERTIFIED_PREFIX):]) < reach, (metric, reach)
-            else:
-                assert metric in recorded, (claim.name, metric, sorted(recorded))
+            elif metric != "clean":
+                assert resolve_attack(metric, keys) is not None, (claim.name, metric, keys)
+
+
+def test_an_evaluation_by_an_earlier_robustmim_is_refused_not_misread(tmp_path):
+    """Records format 1 keyed attacks without their settings: its summary is refused by the report
+    and its plan by the merge, each naming the file and fresh=true."""
+    from eval.report import load_summary
+    from eval.runner import finalize
+
+    write_arm(tmp_path / "old", [True] * 10, [False] * 10)
+    summary = json.loads((tmp_path / "old" / "summary.json").read_text())
+    del summary["records_format"]
+    (tmp_path / "old" / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(UserError, match=r"old/summary.json: written by an earlier robustmim.*fresh=true"):
+        load_summary(tmp_path / "old")
+    (tmp_path / "old" / "plan.json").write_text(json.dumps({"indices": [0], "record_settings": {"seed": 0}}))
+    with pytest.raises(UserError, match=r"old/plan.json: an evaluation by an earlier robustmim.*fresh=true"):
+        finalize(tmp_path / "old")

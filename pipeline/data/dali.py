@@ -175,6 +175,11 @@ class DaliLoader:
         return -(-per_rank // self.cfg.batch_size)
 
     @property
+    def chunk_size(self) -> int:
+        """Samples of this rank's chunk in an evaluation pass."""
+        return _chunk_sizes(self.shards.total, self.world_size)[self.rank]
+
+    @property
     def first_index(self) -> int:
         """Index in the split of this rank's first sample in an evaluation pass (contiguous chunks)."""
         return self.shards.total * self.rank // self.world_size

@@ -34,6 +34,28 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
+class Progress:
+    """A tqdm bar with a summary beside it on a terminal; a plain line per update where stderr is
+    not one (Slurm logs), so logs hold no escape codes."""
+
+    def __init__(self, total: int, initial: int, unit: str, label: str):
+        self.total, self.label = total, label
+        self.bar = tqdm(total=total, initial=initial, unit=unit, file=sys.stderr, disable=None, dynamic_ncols=True)
+
+    def show(self, position: int, summary: str) -> None:
+        if self.bar.disable:
+            print(f"{self.label} {position}/{self.total} {summary}", file=sys.stderr, flush=True)
+        else:
+            self.bar.update(position - self.bar.n)
+            self.bar.set_postfix_str(summary, refresh=True)
+
+    def write(self, text: str) -> None:
+        (self.bar.write if not self.bar.disable else print)(text, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class MetricsLog:
     def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, total_steps: int, stage: str):
         self.enabled, self.stage = enabled, stage
@@ -55,8 +77,7 @@ class MetricsLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr, disable=None,
-                        dynamic_ncols=True)
+        self.progress = Progress(total_steps, start_step, "step", "step")
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -68,24 +89,20 @@ class MetricsLog:
                 self.writer.add_scalar(f"{self.stage}/{key}", value, record["step"])
         if "loss" not in record:  # a validation record
             values = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step")
-            self.bar.write(f"step {record['step']}/{self.total_steps} {values}", file=sys.stderr)
+            self.progress.write(f"step {record['step']}/{self.total_steps} {values}")
             return
         done = record["step"] - self.start_step
         elapsed = time.perf_counter() - self.started
         eta = elapsed / max(done, 1) * (self.total_steps - record["step"])
         summary = (f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['images_per_s']:.0f} img/s "
                    f"mfu {record['mfu']:.1%} data-wait {record['data_wait']:.0%} eta {eta / 60:.1f} min")
-        if self.bar.disable:  # Slurm logs: plain lines, no escape codes
-            print(f"step {record['step']}/{self.total_steps} {summary}", file=sys.stderr, flush=True)
-        else:
-            self.bar.update(record["step"] - self.bar.n)
-            self.bar.set_postfix_str(summary, refresh=True)
+        self.progress.show(record["step"], summary)
 
     def note(self, text: str) -> None:
         if self.enabled:
-            (self.bar.write if not self.bar.disable else print)(text, file=sys.stderr)
+            self.progress.write(text)
 
     def close(self) -> None:
         if self.enabled:
-            self.bar.close()
+            self.progress.close()
             self.writer.close()
