@@ -79,7 +79,7 @@ def main() -> None:
         flops = finetune_flops_per_image(cfg, tokenizer=tokenizer_cfg if recipe == "dat" else None)
         print(f"{recipe + ' step':<22} {seconds * 1e3:>9.1f} {args.batch / seconds:>9.0f} {flops / 1e9:>10.2f} "
               f"{args.batch / seconds * flops / (PEAK_TFLOPS_DENSE_BF16 * 1e12):>6.1%}")
-        del module, optimizer
+        module = optimizer = step = None  # the next recipe's model is built without this one alive
 
     def round_trip(index: int) -> None:
         with torch.no_grad(), autocast:

@@ -81,10 +81,15 @@ def sections(smoke: bool) -> list:
 
         args = SimpleNamespace(encoder=encoder, objectives=",".join(objectives), micro=16 if smoke else 0,
                                accumulation=2, intervals=3 if smoke else 4, log_every=2 if smoke else 3,
-                               zero_stage=1, compile=False)
+                               zero_stage=1, compile=False, precision="auto")
+        results = run(args)
+        # MAE again with DeepSpeed's bf16 weights (fp32 masters) against autocast over fp32 weights: the
+        # faster of the two, losses within tolerance of fp32 (tests/test_engine.py), is the GPU default.
+        results += run(SimpleNamespace(**{**vars(args), "objectives": "mae", "precision": "bf16_weights"}))
         return [row("pretrain, robustmim engine", r["objective"],
-                    f"micro {r['micro']} x {r['accumulation']}, ZeRO-1, {dtype}", r["images_per_s"], r["mfu"],
-                    r["peak_gib"], "synthetic device batches") for r in run(args)]
+                    f"micro {r['micro']} x {r['accumulation']}, ZeRO-1, "
+                    f"{dtype if r['precision'] == 'auto' else r['precision']}", r["images_per_s"], r["mfu"],
+                    r["peak_gib"], "synthetic device batches") for r in results]
 
     def certification():
         from bench.certify import measure

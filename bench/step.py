@@ -131,8 +131,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{args.encoder}, batch {args.batch}, {args.dtype}, {name}; measured matmul {peak / 1e12:.2f} TFLOP/s; "
           f"MFU against {PEAK_TFLOPS_DENSE_BF16:.0f} TFLOP/s")
-    print(f"{'objective':<9} {'compiled':>8} {'ms/step':>9} {'images/s':>9} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6} "
-          f"{'of matmul':>9} {'peak GiB':>9}")
+    print(f"{'objective':<9} {'compiled':>8} {'ms/step':>9} {'images/s':>9} {'GFLOP/img':>10} {'TFLOP/s':>8} "
+          f"{'MFU':>6} {'of matmul':>9} {'peak GiB':>9}")
     for r in measure(args.encoder, args.objectives.split(","), args.batch, args.dtype, args.warmup, args.steps,
                      args.compile):
         print(f"{r['objective']:<9} {str(r['compiled']):>8} {r['ms_per_step']:>9.1f} {r['images_per_s']:>9.0f} "

@@ -69,18 +69,20 @@ def preflight(executor: submitit.AutoExecutor) -> None:
 @dataclass
 class MemoryEstimate:
     params: int
-    model_states_gb: float  # fp32 weights + gradients + Adam moments, as partitioned by ZeRO
+    model_states_gb: float  # weights + gradients + Adam moments (+ fp32 masters), as partitioned by ZeRO
     activations_gb: float | None = None  # saved for backward by one micro-batch (None: not estimated)
     micro_batch: int = 0
     half_precision: bool = True
+    bf16_weights: bool = False  # DeepSpeed's bf16 mode: bf16 weights and gradients, fp32 masters
 
     @property
     def total_gb(self) -> float:
         return self.model_states_gb + (self.activations_gb or 0.0)
 
     def describe(self) -> str:
-        states = (f"{self.params / 1e6:.1f}M parameters; model states ~{self.model_states_gb:.2f} GB per GPU "
-                  "(fp32 weights, gradients, Adam moments)")
+        held = ("bf16 weights and gradients, fp32 master weights and Adam moments" if self.bf16_weights
+                else "fp32 weights, gradients, Adam moments")
+        states = f"{self.params / 1e6:.1f}M parameters; model states ~{self.model_states_gb:.2f} GB per GPU ({held})"
         if self.activations_gb is None:
             return states + "; activations and DALI buffers come on top"
         precision = "bf16" if self.half_precision else "fp32"
@@ -120,7 +122,7 @@ def estimate_memory(cfg, world_size: int, on_gpu: bool = True) -> MemoryEstimate
 
     import torch
 
-    from pipeline.engine.config import Precision
+    from pipeline.engine.config import Precision, uses_bf16
     from pipeline.models.classifier import ViTClassifier
     from pipeline.models.config import ClassifierConfig
     from pipeline.models.mae import MaskedAutoencoder
@@ -135,16 +137,19 @@ def estimate_memory(cfg, world_size: int, on_gpu: bool = True) -> MemoryEstimate
         else:
             model = MaskedAutoencoder(model_cfg)
         params = sum(p.numel() for p in model.parameters())
-    weights, grads, adam = 4 * params, 4 * params, 8 * params
+    weights, grads, adam = 4 * params, 4 * params, 8 * params  # fp32 weights and gradients, Adam's two moments
+    if cfg.precision is Precision.bf16_weights:  # bf16 weights and gradients; fp32 masters beside Adam's moments
+        weights, grads, adam = 2 * params, 2 * params, 12 * params
     shared = {0: (weights + grads + adam, 0), 1: (weights + grads, adam), 2: (weights, grads + adam),
               3: (0, weights + grads + adam)}[cfg.zero_stage]
-    half = cfg.precision is Precision.bf16 or (cfg.precision is Precision.auto and on_gpu)
+    half = uses_bf16(cfg.precision, on_gpu)
     blocks = block_tokens(cfg)
     activations = None
     if blocks and not cfg.activation_checkpointing:
         per_image = sum(tokens * width for tokens, width in blocks) * ACTIVATION_BYTES_PER_TOKEN_WIDTH[half]
         activations = per_image * cfg.micro_batch / 1e9
-    return MemoryEstimate(params, (shared[0] + shared[1] / world_size) / 1e9, activations, cfg.micro_batch, half)
+    return MemoryEstimate(params, (shared[0] + shared[1] / world_size) / 1e9, activations, cfg.micro_batch, half,
+                          cfg.precision is Precision.bf16_weights)
 
 
 def submit_array(function, items: list, cfg: SlurmConfig, run_dir: Path, stage: str = "array") -> list[str]:

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from robustmim.config import load_config
 from pipeline.engine.config import PretrainConfig
 from slurm.launch import estimate_memory
@@ -10,6 +12,7 @@ from slurm.launch import estimate_memory
 from conftest import REPO_ROOT
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_every_section_at_toy_scale(tmp_path):
     out = tmp_path / "table.md"
     done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--smoke", "--out", str(out)], cwd=REPO_ROOT,
@@ -18,6 +21,7 @@ def test_gpu_check_runs_every_section_at_toy_scale(tmp_path):
     table = out.read_text()
     for what in ("| pretrain, model only | mae | micro 16, fp32, eager |",
                  "| pretrain, robustmim engine | mae | micro 16 x 2, ZeRO-1, fp32 |",
+                 "| pretrain, robustmim engine | mae | micro 16 x 2, ZeRO-1, bf16_weights |",
                  "| eval | CERTIFY | N 200", "| eval | PGD-2 |", "| eval | PGD-2 EOT-2 |", "| loader | DALI |"):
         assert what in table, (what, table)
     assert "failed" not in table and "not run" not in table
@@ -36,4 +40,9 @@ def test_the_memory_estimate_counts_one_micro_batch_of_activations():
     nim = estimate("nim")  # every patch through the encoder: more per image, half the micro-batch
     assert nim.activations_gb / nim.micro_batch > 1.5 * mae.activations_gb / mae.micro_batch
     assert mae.total_gb < 80 and nim.total_gb < 80  # the shipped micro-batches are meant for an 80 GB card
+    # DeepSpeed's bf16 weights: 2 + 2 bytes per parameter on every rank, 12 (fp32 masters + Adam) sharded by ZeRO-1
+    native = estimate("mae", "precision=bf16_weights")
+    assert native.model_states_gb == pytest.approx(mae.params * (4 + 12 / 8) / 1e9)
+    assert "bf16 weights and gradients, fp32 master weights" in native.describe()
+    assert mae.model_states_gb == pytest.approx(mae.params * (8 + 8 / 8) / 1e9)
     assert "activations ~" in mae.describe() and "micro-batch 256, bf16" in mae.describe()

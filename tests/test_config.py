@@ -71,10 +71,24 @@ def test_sections_and_keys_that_must_agree_are_checked_in_the_config(stage, over
     from pipeline.cli import TRAINING_STAGES, resolve
 
     schema = resolve(TRAINING_STAGES[stage][0])
-    path = {"pretrain": "configs/pretrain/mae_tiny_fmnist.yaml", "finetune": "configs/finetune/standard_tiny_fmnist.yaml",
+    path = {"pretrain": "configs/pretrain/mae_tiny_fmnist.yaml",
+            "finetune": "configs/finetune/standard_tiny_fmnist.yaml",
             "tokenizer": "configs/tokenizer/tiny_fmnist.yaml"}[stage]
     with pytest.raises(ConfigError, match=message):
         load_config(schema, REPO_ROOT / path, ["run_dir=/x", override])
+
+
+def test_bf16_weights_needs_zero_and_is_a_training_mode():
+    from eval.config import EvalConfig
+    from pipeline.cli import TRAINING_STAGES, resolve
+
+    schema = resolve(TRAINING_STAGES["pretrain"][0])
+    path = REPO_ROOT / "configs/pretrain/mae_tiny_fmnist.yaml"
+    assert load_config(schema, path, ["run_dir=/x", "precision=bf16_weights", "zero_stage=1"]).zero_stage == 1
+    with pytest.raises(ConfigError, match="precision=bf16_weights needs zero_stage >= 1"):
+        load_config(schema, path, ["run_dir=/x", "precision=bf16_weights", "zero_stage=0"])
+    with pytest.raises(ConfigError, match="bf16_weights is a training mode"):
+        load_config(EvalConfig, None, ["model=m", "shards=s", "out_dir=o", "precision=bf16_weights"])
 
 
 def test_malformed_override_and_missing_file(tmp_path):

@@ -23,6 +23,7 @@ from conftest import REPO_ROOT
 from helpers import ROBUSTMIM, STEPS, curve, finish, last_step, launch, settings, wait_for
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_every_zero_stage_trains(references, stage):
     losses = [loss for _, _, loss, _ in curve(references[stage])]
@@ -32,6 +33,7 @@ def test_every_zero_stage_trains(references, stage):
     assert (checkpoints / LATEST).read_text() == "step_00000012"
 
 
+@pytest.mark.distributed
 def test_zero_stages_agree_in_fp32(references):
     """Same data, same draws, same math: the stages differ only in how state is partitioned."""
     curves = [curve(references[s]) for s in (1, 2, 3)]
@@ -39,6 +41,8 @@ def test_zero_stages_agree_in_fp32(references):
         assert a[:2] == b[:2] and a[2] == pytest.approx(b[2], rel=1e-5)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_sigkill_at_a_random_step_then_resume_continues_identically(tmp_path, fashion_val_shards, references, stage):
     kill_at = random.Random(stage).randint(5, STEPS - 2)
@@ -61,6 +65,8 @@ def _workers(proc) -> list[psutil.Process]:
 
 @pytest.mark.parametrize("sig, target", [(signal.SIGTERM, "every rank"), (signal.SIGUSR1, "one rank"),
                                          (signal.SIGTERM, "the launcher")])
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_stop_signal_writes_a_checkpoint_and_exits_with_the_stopped_status(tmp_path, fashion_val_shards, sig, target):
     """SIGTERM to every task (Slurm's preemption), SIGUSR1 to one rank only, or SIGTERM to the
     `robustmim --nproc-per-node` process (a user's `kill`): all ranks stop together, save, and
@@ -92,6 +98,8 @@ def test_stop_signal_writes_a_checkpoint_and_exits_with_the_stopped_status(tmp_p
     assert "exit status 75" in out and "Traceback" not in out
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_a_crash_during_save_leaves_latest_valid(tmp_path, fashion_val_shards, references):
     run_dir = tmp_path / "run"
     proc = launch(fashion_val_shards, run_dir)
@@ -105,6 +113,8 @@ def test_a_crash_during_save_leaves_latest_valid(tmp_path, fashion_val_shards, r
     assert curve(run_dir) == curve(references[2])
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_resume_on_one_rank_after_two(tmp_path, fashion_val_shards, references):
     run_dir = tmp_path / "run"
     finish(launch(fashion_val_shards, run_dir, **{"length.samples": 32 * 8}))
@@ -118,6 +128,7 @@ def test_resume_on_one_rank_after_two(tmp_path, fashion_val_shards, references):
     assert "pretrain: step 12/12" in out
 
 
+@pytest.mark.distributed
 def test_export_of_zero3_equals_zero1_and_needs_no_world_size(tmp_path, references):
     """Consolidating 2-rank shards in this single, non-distributed process."""
     a = export_checkpoint(references[1], tmp_path / "zero1.safetensors")
@@ -138,6 +149,7 @@ def test_export_of_zero3_equals_zero1_and_needs_no_world_size(tmp_path, referenc
 
 
 
+@pytest.mark.distributed
 def test_exporting_the_same_checkpoint_again_leaves_the_file_untouched(tmp_path, references):
     """safetensors orders its metadata differently in each process, so a rewrite would change the
     bytes; an evaluation resumed after a re-export (`make demo` run twice) checks those bytes."""
@@ -150,6 +162,43 @@ def test_exporting_the_same_checkpoint_again_leaves_the_file_untouched(tmp_path,
     assert (out.read_bytes(), out.stat().st_mtime_ns, out.stat().st_ino) == first
     export_checkpoint(references[3], out)  # another checkpoint (the ZeRO-3 run) does replace it
     assert out.read_bytes() != first[0]
+
+@pytest.mark.distributed
+def test_status_describes_a_local_run_and_refuses_other_directories(references, tmp_path):
+    shown = subprocess.run([ROBUSTMIM, "status", str(references[1])], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert f"{references[1]}: pretrain (started here, no Slurm jobs)" in shown.stdout
+    assert f"run state: finished at step {STEPS}/{STEPS}" in shown.stdout
+    assert f"last checkpoint: step_{STEPS:08d}" in shown.stdout
+    other = subprocess.run([ROBUSTMIM, "status", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2 and "not a run or evaluation directory" in other.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_both_bf16_modes_track_fp32_and_bf16_weights_export_their_fp32_masters(tmp_path, fashion_val_shards):
+    """12 DMAE steps of 2 micro-steps per rank (ZeRO-1), in fp32, under bf16 autocast over fp32
+    weights, and with DeepSpeed's bf16 weights (fp32 masters in the optimizer), on the same data and
+    draws. Autocast stays within 1% of fp32 at every step (0.3% measured). bf16 weights round every
+    applied update to 8 significant bits, which moves the fast first steps of this toy run (up to
+    17% measured at step 3) but not where it ends: the mean of the last 4 steps within 3% (0.6%
+    measured). The bf16-weights export holds the fp32 masters, not the bf16 copies."""
+    curves = {}
+    for precision in ("fp32", "bf16", "bf16_weights"):
+        finish(launch(fashion_val_shards, tmp_path / precision, zero_stage=1, micro_batch=8, precision=precision))
+        curves[precision] = curve(tmp_path / precision)
+    for precision in ("bf16", "bf16_weights"):
+        assert [c[:2] for c in curves[precision]] == [c[:2] for c in curves["fp32"]]
+    worst = max(abs(b[2] - a[2]) / a[2] for a, b in zip(curves["fp32"], curves["bf16"]))
+    assert worst < 0.01, (worst, curves["bf16"], curves["fp32"])
+    end_fp32, end_native = (sum(c[2] for c in curves[p][-4:]) / 4 for p in ("fp32", "bf16_weights"))
+    assert abs(end_native - end_fp32) / end_fp32 < 0.03, (curves["bf16_weights"], curves["fp32"])
+    export_checkpoint(tmp_path / "bf16_weights", tmp_path / "model.safetensors")
+    exported = load_file(tmp_path / "model.safetensors")
+    assert {value.dtype for value in exported.values()} == {torch.float32}
+    trained = exported["blocks.0.attn.qkv.weight"]
+    assert not torch.equal(trained.bfloat16().float(), trained)  # fp32 masters, not bf16 copies
+
 
 LIVE_WEIGHTS_SCRIPT = """
 import sys, deepspeed
@@ -172,6 +221,7 @@ shutdown_distributed()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_export_round_trip_equals_the_live_model(tmp_path, fashion_val_shards, stage):
     """One process trains and dumps its live weights; export must reproduce them exactly."""

@@ -19,15 +19,24 @@ from pipeline.objectives.config import ObjectiveConfig
 class Precision(enum.Enum):
     auto = "auto"  # bf16 autocast on GPU, fp32 on CPU (bf16 is 14-23x slower on CPUs without it)
     fp32 = "fp32"
-    bf16 = "bf16"  # fp32 master weights, matmuls under bf16 autocast
+    bf16 = "bf16"  # fp32 weights, matmuls under bf16 autocast (weights re-cast to bf16 every forward)
+    # Training only: DeepSpeed's bf16 mode, bf16 weights and gradients with fp32 master weights in
+    # the (ZeRO-sharded) optimizer, under the same autocast, so norms, losses and noise stay fp32.
+    # No per-forward weight cast; exports read the fp32 masters. Needs zero_stage >= 1.
+    bf16_weights = "bf16_weights"
+
+
+def uses_bf16(precision: Precision, on_gpu: bool) -> bool:
+    """Whether the forward runs under bf16 autocast."""
+    return precision in (Precision.bf16, Precision.bf16_weights) or (precision is Precision.auto and on_gpu)
 
 
 @dataclass
 class OptimConfig:
     base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256 (MAE)
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # where the cosine ends
     weight_decay: float = 0.05  # none on norms, biases, position embeddings and tokens
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's (beta1, beta2)
     warmup_epochs: float = 40.0  # linear, per step; then half-cycle cosine to min_lr
     clip_grad: float = 0.0  # max gradient norm; 0 disables
 
@@ -43,7 +52,7 @@ class OptimConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 1000  # also on SIGTERM / SIGUSR1 and at the end
-    keep_last: int = 3
+    keep_last: int = 3  # checkpoints kept (older ones go once a newer one is complete)
     resume: bool = True  # continue from <run_dir>/checkpoints/latest when there is one
 
     def __post_init__(self) -> None:
@@ -70,20 +79,20 @@ class EngineConfig:
     # Sections whose change makes a checkpoint a different run (reported on resume).
     hashed_sections: ClassVar[tuple[str, ...]] = ("optim", "data", "seed", "global_batch", "micro_batch")
 
-    run_dir: str = MISSING
-    seed: int = 0
+    run_dir: str = MISSING  # checkpoints, metrics.jsonl, tensorboard/, config.yaml; a re-run resumes it
+    seed: int = 0  # initial weights and every per-step draw (masks, noise, attacks)
     data: LoaderConfig = field(default_factory=LoaderConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     length: RunLength = field(default_factory=lambda: RunLength(epochs=800))
-    global_batch: int = 4096
+    global_batch: int = 4096  # images per optimizer step, all ranks together
     micro_batch: int = 64  # per rank and step; accumulation = global / (micro * ranks)
     # ZeRO-1 shards the optimizer state (12 of the 16 bytes per parameter), which is what
     # matters for models of this size; ZeRO-2 also shards gradients but reduces them on every
     # micro-step; ZeRO-3 shards the weights too (for models that do not fit otherwise).
     zero_stage: int = 2
     zero_bucket_size: int = 50_000_000  # ZeRO-2 reduce / all-gather bucket (elements)
-    precision: Precision = Precision.auto
-    activation_checkpointing: bool = False
+    precision: Precision = Precision.auto  # auto, fp32, bf16 (autocast) or bf16_weights (DeepSpeed's bf16 mode)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
     # torch.compile each transformer block (ZeRO 0-2; ZeRO-3's parameter hooks would break the
     # graphs). Off until measured faster on the target GPU: bench/gpu_check.sh times both.
     compile: bool = False
@@ -98,8 +107,12 @@ class EngineConfig:
         if self.global_batch <= 0 or self.micro_batch <= 0 or self.global_batch % self.micro_batch:
             raise ValueError(f"global_batch ({self.global_batch}) must be a positive multiple of "
                              f"micro_batch ({self.micro_batch})")
+        if self.precision is Precision.bf16_weights and self.zero_stage == 0:
+            raise ValueError("precision=bf16_weights needs zero_stage >= 1: its fp32 master weights live in the "
+                             "ZeRO optimizer's checkpoint, where `robustmim export` reads them")
         if self.compile and self.zero_stage == 3:
-            raise ValueError("compile=true needs zero_stage <= 2 (ZeRO-3 gathers parameters in hooks inside each block)")
+            raise ValueError("compile=true needs zero_stage <= 2 (ZeRO-3 gathers parameters in hooks inside each "
+                             "block)")
         if self.log_every <= 0 or self.peak_tflops <= 0 or self.zero_bucket_size <= 0:
             raise ValueError("log_every, peak_tflops and zero_bucket_size must be positive")
 

@@ -1,10 +1,11 @@
 """The training loop of every stage: DeepSpeed ZeRO over a task's module, fed by DALI.
 
 A task (pipeline/engine/task.py) supplies the module, its parameter groups and its
-validation; pretraining and fine-tuning are tasks. Per optimizer step each rank runs `accumulation` micro-batches; DeepSpeed reduces gradients
-and steps the optimizer and the lr schedule on the boundary. Every draw (masks, noise, attack
-starts) comes from a generator seeded by (seed, micro-step, rank) and the loader resumes at its
-exact position, so a resumed run repeats an uninterrupted one. The loop reads values from the
+validation; pretraining and fine-tuning are tasks. Per optimizer step each rank runs
+`accumulation` micro-batches; DeepSpeed reduces gradients and steps the optimizer and the lr
+schedule on the boundary. Every draw (masks, noise, attack starts) comes from a generator seeded
+by (seed, micro-step, rank) and the loader resumes at its exact position, so a resumed run
+repeats an uninterrupted one. The loop reads values from the
 device only at log intervals: one all-reduce carries the interval's loss and the stop flag.
 """
 
@@ -27,7 +28,7 @@ from pipeline.data.dali import DaliLoader, use_gpu
 from pipeline.data.shardset import open_shards
 from pipeline.dist import broadcast_object, detect_env, init_distributed, shutdown_distributed
 from pipeline.engine.checkpoint import Checkpointer, ResumePoint
-from pipeline.engine.config import EngineConfig, Precision
+from pipeline.engine.config import EngineConfig, Precision, uses_bf16
 from pipeline.engine.metrics import MetricsLog
 from pipeline.engine.optim import build_optimizer
 from pipeline.engine.run_state import write_run_state
@@ -63,8 +64,10 @@ def deepspeed_config(cfg: EngineConfig, accumulation: int, bf16: bool, universal
               "steps_per_print": 2**31 - 1}
     # Always stated: DeepSpeed's own default is 1.0, which would clip every run that asks for none.
     config["gradient_clipping"] = cfg.optim.clip_grad
-    if bf16:  # fp32 master weights; matmuls in bf16; noise arithmetic stays fp32
+    if bf16:  # matmuls in bf16; norms, losses and noise arithmetic stay fp32
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    if cfg.precision is Precision.bf16_weights:  # bf16 weights and gradients, fp32 masters in the optimizer
+        config["bf16"] = {"enabled": True}
     if universal:
         config["checkpoint"] = {"load_universal": True}
     return config
@@ -153,10 +156,11 @@ class Trainer:
         groups = task.param_groups(module)
         optimizer, scheduler = build_optimizer(groups, cfg.optim, cfg.global_batch, warmup_steps, self.total_steps)
         self.first_group_scale = groups[0]["lr_scale"]  # logs show the peak (scale 1) lr
-        self.bf16 = bf16 = cfg.precision is Precision.bf16 or (cfg.precision is Precision.auto and on_gpu)
+        self.bf16 = bf16 = uses_bf16(cfg.precision, on_gpu)
         self.engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer,
-            lr_scheduler=scheduler, config=deepspeed_config(cfg, self.accumulation, bf16, bool(resume and resume.elastic)),
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, self.accumulation, bf16, bool(resume and resume.elastic)),
             dist_init_required=False)
         self.step, self.samples_seen = 0, 0
         self.last_validation: dict = {}
