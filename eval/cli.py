@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from robustmim.config_help import add_config_arguments
+
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="evaluation YAML (configs/eval/*.yaml)")
+    add_config_arguments(parser, "configs/eval/*.yaml",
+                         "every_nth=50 certify.enabled=true 'attacks=[{norm: l2, epsilons: [0.5]}]'")
     parser.add_argument("--model", help="a classifier export's .json (sets model=)")
     parser.add_argument("--data", help="a shards directory (sets shards=)")
     parser.add_argument("--out", help="the evaluation's output directory (sets out_dir=)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. every_nth=50 certify.enabled=true 'attacks=[{norm: l2, epsilons: [0.5]}]'")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="start this many local ranks with torchrun")
     parser.add_argument("--rank", type=int, help="evaluate one chunk as an independent task (a Slurm array task)")
     parser.add_argument("--world-size", type=int, help="number of chunks (with --rank)")
@@ -26,6 +27,7 @@ def eval_overrides(args: argparse.Namespace) -> list[str]:
 
 def run_eval_command(args: argparse.Namespace) -> int:
     from robustmim.config import load_config
+    from robustmim.config_help import describe_config
     from robustmim.errors import UserError
     from pipeline.cli import launch_local_ranks
     from eval.config import EvalConfig
@@ -33,12 +35,16 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from eval.runner import finalize, run_eval
 
     overrides = eval_overrides(args)
+    if args.print_config:
+        print(describe_config(EvalConfig, args.config, overrides), end="")
+        return 0
     if args.merge_only:  # needs only the output directory
         out_dir = args.out or load_config(EvalConfig, args.config, overrides).out_dir
         print_summary(finalize(out_dir), out_dir)
         return 0
     cfg = load_config(EvalConfig, args.config, overrides)
-    if (args.rank is None) != (args.world_size is None) or (args.rank is not None and not 0 <= args.rank < args.world_size):
+    one_task = args.rank is not None
+    if one_task != (args.world_size is not None) or (one_task and not 0 <= args.rank < args.world_size):
         raise UserError("--rank and --world-size go together, with 0 <= rank < world size")
     status = launch_local_ranks("eval", args.nproc_per_node, args.config, overrides)
     if status is not None:
@@ -74,14 +80,17 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="study YAML (configs/study/*.yaml): claims with two arms each")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. out=results.md alpha=0.01")
+    add_config_arguments(parser, "configs/study/*.yaml: claims with two arms each", "out=results.md alpha=0.01")
 
 
 def run_study_command(args: argparse.Namespace) -> int:
     from robustmim.config import load_config
+    from robustmim.config_help import describe_config
     from eval.study import StudyConfig, run_study
 
+    if args.print_config:
+        print(describe_config(StudyConfig, args.config, args.overrides), end="")
+        return 0
     cfg = load_config(StudyConfig, args.config, args.overrides)
     results = run_study(cfg)
     for name, rows in results.items():

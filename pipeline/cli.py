@@ -8,6 +8,8 @@ import signal
 import sys
 import time
 
+from robustmim.config_help import add_config_arguments
+
 # stage -> (config class, training function), as "module:name" so --help imports nothing heavy
 TRAINING_STAGES = {
     "pretrain": ("pipeline.engine.config:PretrainConfig", "pipeline.engine.pretrain:pretrain"),
@@ -24,8 +26,7 @@ def resolve(reference: str):
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="experiment YAML (configs/<stage>/*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. zero_stage=3")
+    add_config_arguments(parser, "configs/<stage>/*.yaml", "zero_stage=1 micro_batch=128")
     parser.add_argument("--nproc-per-node", type=int, default=1,
                         help="start this many local ranks with torchrun (not needed under torchrun or srun)")
 
@@ -89,12 +90,16 @@ def format_validation(record: dict) -> str:
 
 def run_training(args: argparse.Namespace) -> int:
     from robustmim.config import load_config
+    from robustmim.config_help import describe_config
     from robustmim.errors import UserError
     from pipeline.dist import detect_env
     from pipeline.engine.run_state import read_run_state
 
     stage = args.command
     config_class, train = (resolve(ref) for ref in TRAINING_STAGES[stage])
+    if args.print_config:
+        print(describe_config(config_class, args.config, args.overrides), end="")
+        return 0
     cfg = load_config(config_class, args.config, args.overrides)  # errors before any launch
     if args.nproc_per_node > 1:
         try:

@@ -86,11 +86,7 @@ def _read_overrides(overrides: Sequence[str]) -> DictConfig:
 
 def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Build a `schema` instance from its defaults, an optional YAML file and dotted overrides."""
-    cfg = OmegaConf.structured(schema)
-    OmegaConf.set_struct(cfg, True)
-    if path is not None:
-        cfg = _merge(cfg, _read_file(path), str(path))
-    return _finish(cfg, overrides)
+    return _checked(resolved_tree(schema, path, overrides))
 
 
 def config_from_dict(schema: type[T], data: dict, source: str) -> T:
@@ -99,10 +95,20 @@ def config_from_dict(schema: type[T], data: dict, source: str) -> T:
     OmegaConf.set_struct(cfg, True)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of keys to values at the top level")
-    return _finish(_merge(cfg, OmegaConf.create(data), source), ())
+    return _checked(_merge(cfg, OmegaConf.create(data), source))
 
 
-def _finish(cfg: DictConfig, overrides: Sequence[str]):
+def resolved_tree(schema: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """The merged settings before the required-value and dataclass checks (`--print-config`);
+    unknown keys and wrongly typed values are refused as by `load_config`."""
+    cfg = OmegaConf.structured(schema)
+    OmegaConf.set_struct(cfg, True)
+    if path is not None:
+        cfg = _merge(cfg, _read_file(path), str(path))
+    return _apply_overrides(cfg, overrides)
+
+
+def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     for item in overrides:  # one at a time, so an error names the override that caused it
         layer = _read_overrides([item])
         key = item.partition("=")[0]
@@ -113,6 +119,11 @@ def _finish(cfg: DictConfig, overrides: Sequence[str]):
             raise ConfigError(f"override '{item}': '{key}' is a section of settings, not a value; set its keys "
                               f"instead ({keys}, ...)")
         cfg = _merge(cfg, layer, f"override '{item}'")
+    return cfg
+
+
+def _checked(cfg: DictConfig):
+    """The dataclass instance, once every required value is set and `__post_init__` accepts it."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"missing required value(s): {', '.join(missing)} (set them in the file or as key=value)")

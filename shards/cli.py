@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from robustmim.config_help import add_config_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="<action>", required=True)
     build = actions.add_parser("build", help="write shards from Fashion-MNIST or an ImageNet-style tree")
-    build.add_argument("--config", help="YAML file of ShardsConfig values (configs/shards/*.yaml)")
-    build.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. out=data/shards")
+    add_config_arguments(build, "configs/shards/*.yaml", "out=data/shards workers=8")
     verify = actions.add_parser("verify", help="recheck a shard directory against its manifest")
     verify.add_argument("dir")
     verify.add_argument("--sample", type=float, default=1.0, metavar="FRACTION",
@@ -30,6 +31,11 @@ def run(args: argparse.Namespace) -> int:
         from shards.build import build_shards
         from shards.config import ShardsConfig
 
+        if args.print_config:
+            from robustmim.config_help import describe_config
+
+            print(describe_config(ShardsConfig, args.config, args.overrides), end="")
+            return 0
         cfg = load_config(ShardsConfig, args.config, args.overrides)
         manifest = build_shards(cfg)
         print(summary_text(manifest, cfg.out))

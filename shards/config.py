@@ -20,24 +20,24 @@ SPLITS = {SourceKind.fashion_mnist: ("train", "val"), SourceKind.imagenet: ("tra
 
 @dataclass
 class ShardsConfig:
-    source: SourceKind = SourceKind.fashion_mnist
+    source: SourceKind = SourceKind.fashion_mnist  # fashion_mnist (Debian's dataset-fashion-mnist) or imagenet
     # Dataset root: Fashion-MNIST's directory, or the ImageNet root holding train/ and val/.
     input: str = FASHION_MNIST_DIR
-    out: str = MISSING
+    out: str = MISSING  # the shards directory to write (manifest.json, <split>-*.tar)
     # Fashion-MNIST's 10k test images are written as split "val", the split later stages evaluate.
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
     # Fixes the global shuffle of samples across shards; same input + seed -> identical shards.
     seed: int = 0
     # A shard closes before it would pass either limit (0 disables the sample limit).
     shard_max_bytes: int = 1_000_000_000
-    shard_max_samples: int = 0
+    shard_max_samples: int = 0  # the sample limit
     # Writer processes; 0 uses every core.
     workers: int = 0
     # Flat val/: LOC_val_solution.csv, or ILSVRC2012_validation_ground_truth.txt together with
     # val_synsets (the devkit's meta.mat, or a text file of wnids in ILSVRC2012_ID order).
     # Empty: looked up by their usual names in `input` and `input`/val.
     val_labels: str = ""
-    val_synsets: str = ""
+    val_synsets: str = ""  # with ILSVRC2012_validation_ground_truth.txt: the devkit's meta.mat or a wnid list
 
     def __post_init__(self) -> None:
         known = SPLITS[self.source]

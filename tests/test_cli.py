@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO_ROOT
 
 ROBUSTMIM = str(Path(sys.executable).parent / "robustmim")
@@ -49,3 +51,62 @@ def test_a_single_process_run_picks_a_free_port_unless_one_is_given():
     first, second = detect_env({}), detect_env({})
     assert first.launcher == "single" and 29500 not in (first.master_port, second.master_port)
     assert detect_env({"MASTER_PORT": "29123"}).master_port == 29123
+
+
+@pytest.mark.slow
+def test_print_config_shows_every_setting_with_its_help_and_reads_back_as_overrides(tmp_path):
+    """`--print-config` prints the resolved settings and starts nothing; its lines, given back as
+    key=value overrides, rebuild the same config; an unknown key is still refused, naming it."""
+    from robustmim.config import load_config
+    from pipeline.engine.config import PretrainConfig
+
+    shown = run("pretrain", "--print-config", "--config", "configs/pretrain/mae_tiny_fmnist.yaml",
+                f"run_dir={tmp_path / 'run'}", "seed=3")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert "seed=3  # initial weights and every per-step draw (masks, noise, attacks) [default: 0]" in lines
+    assert "zero_bucket_size=50000000  # ZeRO-2 reduce / all-gather bucket (elements)" in lines
+    assert any(line.startswith("objective.mimir.hsic_eps=1e-05  # ridge") for line in lines)
+    assert not (tmp_path / "run").exists()  # nothing ran
+    settings = [line.split("  # ")[0] for line in lines if not line.startswith("#")]
+    expected = load_config(PretrainConfig, REPO_ROOT / "configs/pretrain/mae_tiny_fmnist.yaml",
+                           [f"run_dir={tmp_path / 'run'}", "seed=3"])
+    assert load_config(PretrainConfig, None, settings) == expected
+    unknown = run("pretrain", "--print-config", "--config", "configs/pretrain/mae_tiny_fmnist.yaml", "sede=3")
+    assert unknown.returncode == 2 and "unknown key 'sede'" in unknown.stderr
+    for stage in (["eval"], ["finetune"], ["tokenizer"], ["shards", "build"], ["study", "--config",
+                                                                              "configs/study/tiny_fmnist.yaml"]):
+        listed = run(*stage, "--print-config")
+        assert listed.returncode == 0 and listed.stdout.count("\n") > 5, (stage, listed.stderr)
+
+
+def test_every_setting_of_every_stage_has_its_help():
+    """The help `--print-config` shows comes from the comment beside (or above) each dataclass
+    field: a setting without one would print bare."""
+    from omegaconf import OmegaConf
+
+    from robustmim.config_help import config_entries
+    from pipeline.cli import TRAINING_STAGES, resolve
+    from eval.config import EvalConfig
+    from eval.study import StudyConfig
+    from shards.config import ShardsConfig
+
+    for schema in [resolve(stage[0]) for stage in TRAINING_STAGES.values()] + [EvalConfig, StudyConfig, ShardsConfig]:
+        tree = OmegaConf.structured(schema)
+        bare = [key for key, _, _, help_text in config_entries(schema, tree, tree, "") if not help_text]
+        assert not bare, (schema.__name__, bare)
+
+
+def test_every_stage_help_shows_an_example_and_every_submit_flag_has_help():
+    import argparse
+
+    from robustmim.cli import STAGES, build_parser
+
+    parser = build_parser()
+    stages = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in STAGES:
+        assert f"example:\n  robustmim {name} " in stages.choices[name].format_help(), name
+    submit = stages.choices["submit"]
+    bare = [a.option_strings for a in submit._actions if a.option_strings and not a.help]
+    assert not bare, bare
+    assert "--cluster {auto,slurm,local}" in submit.format_help()

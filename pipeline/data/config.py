@@ -17,25 +17,25 @@ class LoaderDevice(enum.Enum):
 @dataclass
 class LoaderConfig:
     shards: str = MISSING  # a directory written by `robustmim shards build`
-    split: str = "train"
+    split: str = "train"  # the split read (train, val, test: whatever the shards hold)
     batch_size: int = 64  # per rank
     image_size: int = 224  # side of the square output
     channels: int = 3  # 3: RGB (grayscale images expanded); 1: grayscale
     # Training augmentation as in MAE: RandomResizedCrop (bicubic) and horizontal flip.
     # augment=False gives the evaluation transform (resize + center crop, no randomness).
     augment: bool = True
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
-    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
-    flip: bool = True
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop's area range
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop's aspect-ratio range
+    flip: bool = True  # random horizontal flip (augment=true only)
     # Evaluation: resize the shorter side to image_size / eval_crop_fraction, then center crop.
     eval_crop_fraction: float = 0.875
-    seed: int = 0
+    seed: int = 0  # shuffling and augmentation draws
     # Samples DALI holds to shuffle within (the shards are globally shuffled when built, and
     # the order of whole shards is reshuffled every epoch).
     shuffle_buffer: int = 4096
-    num_threads: int = 4
-    prefetch: int = 2
-    device: LoaderDevice = LoaderDevice.auto
+    num_threads: int = 4  # DALI CPU threads per rank
+    prefetch: int = 2  # batches DALI prepares ahead
+    device: LoaderDevice = LoaderDevice.auto  # auto (gpu when CUDA is seen), cpu or gpu
     # GPU (`mixed`) JPEG decoding only: the share of images for the hardware JPEG decoder of
     # A100/H100-class GPUs (the rest go to CUDA nvJPEG), and memory reserved up front so the
     # decoder does not reallocate as image sizes vary (the usual cure for nvJPEG allocation
@@ -44,7 +44,7 @@ class LoaderConfig:
     device_memory_padding: int = 64 << 20  # bytes per decoder thread on the GPU
     host_memory_padding: int = 16 << 20  # bytes of pinned host memory per thread
     preallocate_width_hint: int = 0  # typical largest image width (ImageNet: ~4,000 px)
-    preallocate_height_hint: int = 0
+    preallocate_height_hint: int = 0  # typical largest image height
     # sha256 every shard at start-up: the one defence against same-size damage inside a shard
     # (reads the whole split once, ~1 s per GB per core; sizes and index hashes are always checked).
     verify_hashes: bool = False

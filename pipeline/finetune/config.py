@@ -45,7 +45,7 @@ class De3Config:
     denoiser: str = ""  # the NIM pretraining export (.safetensors with its .json)
     # Training noise per image, sigma ~ U(low, high) in 0-255 pixel units (NIM's U(0, 30)).
     train_sigma_low: float = 0.0
-    train_sigma_high: float = 30.0
+    train_sigma_high: float = 30.0  # upper end of that range
     # The deployed test noise (0-255 units): validation and the export; NIM validates at 70.
     deploy_sigma: float = 70.0
 
@@ -80,10 +80,10 @@ class AdversarialConfig:
     """PGD adversarial training in L-inf, [0, 1] space (MIMIR: ImageNet 1 step of 5/255 at
     epsilon 4/255; small images 10 steps of 2/255 at 8/255)."""
 
-    epsilon: float = 4 / 255
-    step_size: float = 5 / 255
-    steps: int = 1
-    random_start: bool = True
+    epsilon: float = 4 / 255  # L-inf budget, [0, 1] pixels
+    step_size: float = 5 / 255  # PGD step
+    steps: int = 1  # PGD steps per training batch
+    random_start: bool = True  # start from a uniform point in the ball
 
     def __post_init__(self) -> None:
         if self.epsilon <= 0 or self.step_size <= 0 or self.steps < 1:
@@ -97,7 +97,7 @@ class DATConfig:
     tokenizer: str = ""  # `robustmim export` of a tokenizer run, or a taming-transformers checkpoint
     tokenizer_preset: str = ""  # the architecture of a taming checkpoint (f16_1024, f16_16384, f8_16384)
     epsilon: float = 0.1  # L2 radius in [0, 1] pixels, around the reconstruction
-    step_size: float = 0.1
+    step_size: float = 0.1  # the L2 step (one step: easyrobust's 0.1)
     random_start_prob: float = 0.8  # chance per batch of starting at a random point on the sphere
     adversarial_weight: float = 1.0  # on the cross-entropy of the discrete adversarial images
 
@@ -110,8 +110,8 @@ class DATConfig:
 
 @dataclass
 class RecipeConfig:
-    name: RecipeName = RecipeName.standard
-    label_smoothing: float = 0.1
+    name: RecipeName = RecipeName.standard  # standard (MAE's), de3, dmae, mimir or dat; each has its section
+    label_smoothing: float = 0.1  # of the cross-entropy targets
     mixup: MixupConfig = field(default_factory=MixupConfig)
     random_erasing: float = 0.25  # per-image probability (timm's pixel mode)
     de3: De3Config = field(default_factory=De3Config)

@@ -63,7 +63,8 @@ def with_encoder_normalization(cfg: FinetuneConfig) -> tuple[FinetuneConfig, Opt
         return cfg, None  # a channel mismatch is reported by the weights' own check
     note = (f"input normalization from the encoder's pretraining ({meta_path.name}): pixel_mean {mean}, pixel_std "
             f"{std} (the config had {cfg.model.pixel_mean}, {cfg.model.pixel_std})")
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pixel_mean=list(mean), pixel_std=list(std))), note
+    model = dataclasses.replace(cfg.model, pixel_mean=list(mean), pixel_std=list(std))
+    return dataclasses.replace(cfg, model=model), note
 
 
 class FinetuneModule(nn.Module):

@@ -29,13 +29,13 @@ DECODERS = {
 class EncoderConfig:
     """The ViT encoder shared by the autoencoder (pretraining) and the classifier (fine-tuning)."""
 
-    encoder: str = "vit_large_patch16"
-    img_size: int = 224
-    in_chans: int = 3
-    mlp_ratio: float = 4.0
+    encoder: str = "vit_large_patch16"  # one of ENCODERS above (vit_large_patch16, vit_tiny_patch7, ...)
+    img_size: int = 224  # input side in pixels; must equal data.image_size
+    in_chans: int = 3  # input channels; must equal data.channels
+    mlp_ratio: float = 4.0  # MLP width over embedding width in each block
     # Normalization applied inside the models, after noise is added in [0, 1] pixel space.
     pixel_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    pixel_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    pixel_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # one per channel, as pixel_mean
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
@@ -70,7 +70,7 @@ class EncoderConfig:
 class ModelConfig(EncoderConfig):
     """The masked autoencoder: an encoder and a named decoder."""
 
-    decoder: str = "mae"
+    decoder: str = "mae"  # one of DECODERS above: mae (8 blocks, 512 wide), mimir (2, 128), tiny
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -24,7 +24,8 @@ layer_norm = partial(nn.LayerNorm, eps=1e-6)
 
 def transformer_blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: float = 0.0) -> nn.ModuleList:
     """Pre-norm blocks with qkv bias; stochastic depth rising linearly from 0 to `drop_path`."""
-    rates = [drop_path * i / (depth - 1) for i in range(depth)] if depth > 1 else [drop_path]  # host math: works on meta
+    # host math, so it also works on the meta device
+    rates = [drop_path * i / (depth - 1) for i in range(depth)] if depth > 1 else [drop_path]
     return nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=layer_norm, drop_path=rate)
                          for rate in rates)
 

@@ -28,16 +28,16 @@ NORM_GROUPS = 32  # taming's Normalize(): GroupNorm(32, C, eps=1e-6); channel co
 class VQGANConfig:
     """taming's `ddconfig` plus the codebook. Defaults: the f16 ImageNet model with 1024 codes."""
 
-    in_channels: int = 3
-    resolution: int = 256
-    ch: int = 128
+    in_channels: int = 3  # image channels
+    resolution: int = 256  # image side the encoder is built for
+    ch: int = 128  # base channel count, multiplied by ch_mult per level
     ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])  # one entry per resolution level
-    num_res_blocks: int = 2
+    num_res_blocks: int = 2  # residual blocks per resolution level
     attn_resolutions: list[int] = field(default_factory=lambda: [16])  # feature-map sizes with self-attention
-    z_channels: int = 256
-    embed_dim: int = 256
-    n_embed: int = 1024
-    dropout: float = 0.0
+    z_channels: int = 256  # channels of the encoder's output before the codebook projection
+    embed_dim: int = 256  # dimension of each code
+    n_embed: int = 1024  # codebook size
+    dropout: float = 0.0  # inside the residual blocks
     # Look codes up by cosine similarity (l2-normalized z and codebook, Yu et al.'s ViT-VQGAN):
     # no parameter changes, far better code usage for small tokenizers; taming's models use False.
     normalized_codes: bool = False

@@ -34,7 +34,8 @@ class MIMIR:
     def __call__(self, model: MaskedAutoencoder, images01: torch.Tensor, generator: torch.Generator) -> ObjectiveOutput:
         adv = self.perturb(model, images01, generator)
         out = model(model.normalize(adv), mask_noise(images01, model, generator), self.cfg.mask_ratio)
-        reconstruction = masked_mean(patch_losses(out.pred, pixel_target(model, images01, self.norm_pix_loss)), out.mask)
+        target = pixel_target(model, images01, self.norm_pix_loss)
+        reconstruction = masked_mean(patch_losses(out.pred, target), out.mask)
         penalty = nhsic(out.latent, adv, self.cfg.hsic_sigma, self.cfg.hsic_eps)
         loss = reconstruction + self.cfg.hsic_weight * penalty
         return ObjectiveOutput(loss, {"loss": loss.detach(), "reconstruction": reconstruction.detach(),

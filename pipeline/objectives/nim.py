@@ -49,7 +49,8 @@ class NIM:
         if cfg.sigma_dist is SigmaDistribution.gamma:
             return sample_gamma(cfg.gamma_shape, cfg.gamma_scale, n, generator, device)
         if cfg.sigma_dist is SigmaDistribution.uniform:
-            return cfg.uniform_low + (cfg.uniform_high - cfg.uniform_low) * torch.rand(n, generator=generator, device=device)
+            unit = torch.rand(n, generator=generator, device=device)
+            return cfg.uniform_low + (cfg.uniform_high - cfg.uniform_low) * unit
         return torch.full((n,), cfg.fixed_sigma, device=device)
 
     def __call__(self, model: MaskedAutoencoder, images01: torch.Tensor, generator: torch.Generator,

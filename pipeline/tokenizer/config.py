@@ -24,20 +24,20 @@ class TokenizerLossConfig:
     off by default: LPIPS needs pretrained VGG16 weights the user brings, and for a small
     tokenizer the GAN term rarely pays."""
 
-    reconstruction: Reconstruction = Reconstruction.l1
-    codebook_weight: float = 1.0
-    beta: float = 0.25
+    reconstruction: Reconstruction = Reconstruction.l1  # the pixel loss: l1 (taming) or l2
+    codebook_weight: float = 1.0  # weight of the codebook (VQ) loss
+    beta: float = 0.25  # commitment weight inside the VQ loss (taming: 0.25)
     perceptual_weight: float = 0.0  # taming: 1.0
     # LPIPS weight files (pipeline/models/lpips.py): a taming VQGAN checkpoint, or torchvision's
     # VGG16 state dict plus LPIPS' vgg.pth linear heads.
     perceptual_weights: list[str] = field(default_factory=list)
-    adversarial_weight: float = 0.0
+    adversarial_weight: float = 0.0  # weight of the hinge GAN term (taming: 0.8); 0: no discriminator
     # taming's calculate_adaptive_weight: scale the generator's GAN term by
     # ||grad nll|| / ||grad gan|| at the decoder's last layer (clamped to [0, 1e4]).
     adaptive_adversarial_weight: bool = False
     adversarial_start_step: int = 0  # optimizer steps before the GAN terms switch on
     discriminator_layers: int = 2  # PatchGAN depth (taming: 3 for 256-px images)
-    discriminator_width: int = 64
+    discriminator_width: int = 64  # channels of the PatchGAN discriminator's first layer
 
     def __post_init__(self) -> None:
         if min(self.codebook_weight, self.beta, self.perceptual_weight, self.adversarial_weight,
