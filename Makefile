@@ -11,7 +11,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo study test bench bench-gpu gpu-wheels lock fashion-mnist clean
+.PHONY: install demo study test test-fast lint bench bench-gpu gpu-wheels lock fashion-mnist clean
 
 install: $(VENV)/.installed
 
@@ -60,8 +60,10 @@ demo: install fashion-mnist
 	    recipe.de3.denoiser=$(DEMO_DIR)/nim_tiny.safetensors recipe.dat.tokenizer=$(DEMO_DIR)/tokenizer.safetensors; \
 	  $(RUN) export $(DEMO_DIR)/finetune_$$r --out $(DEMO_DIR)/classifiers/$${r}_tiny.safetensors; \
 	done
+# fresh=true: a re-run resumes each evaluation, unless its settings (or the records format of
+# a newer robustmim) changed; then the old one moves to superseded/ and it starts over.
 	set -e; for r in $(DEFENSES); do \
-	  $(RUN) eval --config configs/eval/tiny_fmnist.yaml --nproc-per-node 2 \
+	  $(RUN) eval --config configs/eval/tiny_fmnist.yaml --nproc-per-node 2 fresh=true \
 	    --model $(DEMO_DIR)/classifiers/$${r}_tiny.json --data $(DEMO_DIR)/shards --out $(DEMO_DIR)/eval/$$r \
 	    certify.enabled=$$([ $$r = dmae ] && echo true || echo false); \
 	done
@@ -88,17 +90,24 @@ study: demo
 	    run_dir=$(STUDY_DIR)/finetune_$${r}_from_mae data.shards=$(DEMO_DIR)/shards init=$(DEMO_DIR)/mae_tiny.safetensors; \
 	  $(RUN) export $(STUDY_DIR)/finetune_$${r}_from_mae --out $(STUDY_DIR)/classifiers/$${r}_from_mae_tiny.safetensors; \
 	done
-	$(RUN) eval --config configs/eval/tiny_fmnist.yaml --nproc-per-node 2 certify.enabled=true \
+	$(RUN) eval --config configs/eval/tiny_fmnist.yaml --nproc-per-node 2 fresh=true certify.enabled=true \
 	  --model $(STUDY_DIR)/classifiers/dmae_from_mae_tiny.json --data $(DEMO_DIR)/shards --out $(STUDY_DIR)/eval/dmae_from_mae
 	set -e; for model in $(DEMO_DIR)/classifiers/mimir_tiny $(STUDY_DIR)/classifiers/mimir_from_mae_tiny; do \
 	  name=$$(basename $$model _tiny); \
-	  $(RUN) eval --config configs/eval/tiny_fmnist.yaml --nproc-per-node 2 autoattack.enabled=true \
+	  $(RUN) eval --config configs/eval/tiny_fmnist.yaml --nproc-per-node 2 fresh=true autoattack.enabled=true \
 	    --model $$model.json --data $(DEMO_DIR)/shards --out $(STUDY_DIR)/eval/$$name; \
 	done
 	$(RUN) study --config configs/study/tiny_fmnist.yaml runs=$(DEMO_DIR) out=docs/results.md "produced_by=make study"
 
 test: install fashion-mnist
 	$(BIN)/python -m pytest -q
+
+# The inner loop: every test but the slow, multi-rank and Slurm ones (markers in pyproject.toml).
+test-fast: install fashion-mnist
+	$(BIN)/python -m pytest -q -m "not slow and not distributed and not slurm"
+
+lint: install
+	$(BIN)/ruff check .
 
 bench: install fashion-mnist
 	$(BIN)/python -m bench.shards

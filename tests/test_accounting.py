@@ -4,7 +4,6 @@ import os
 import socket
 
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -41,6 +40,7 @@ def _rank_main(rank: int, world_size: int, port: int, shards: str, results) -> N
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_samples_seen_per_rank_and_total_on_two_processes(fashion_val_shards):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -34,6 +34,7 @@ def perturb(module, images, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return quantized, module.recipe.perturb(module, quantized, targets, torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 def test_the_perturbation_stays_within_epsilon_and_flips_some_codes(dat_parts):
     cfg, module, images = dat_parts
     assert isinstance(module.recipe, DiscreteAdversarial) and cfg.recipe.dat.epsilon == 0.1

@@ -77,6 +77,7 @@ def validation_top1(deployed, spec, shards, every_nth, sigma=0.0) -> float:
 @pytest.mark.parametrize("recipe, defense", [("standard", DefenseKind.none), ("de3", DefenseKind.denoise),
                                              ("dmae", DefenseKind.smoothing), ("mimir", DefenseKind.none),
                                              ("dat", DefenseKind.none)])
+@pytest.mark.slow
 def test_each_recipe_learns_and_exports_its_deployed_model(tmp_path, fashion_shards, nim_export, tiny_tokenizer,
                                                            recipe, defense):
     run_dir = tmp_path / "run"
@@ -101,7 +102,8 @@ def test_each_recipe_learns_and_exports_its_deployed_model(tmp_path, fashion_sha
         assert (tmp_path / "export" / spec.denoiser.weights).is_file()
     if defense is DefenseKind.smoothing:
         assert spec.sigma == 0.25
-    top1 = validation_top1(deployed, spec, fashion_shards, 5, sigma=spec.sigma if defense is DefenseKind.smoothing else 0)
+    sigma = spec.sigma if defense is DefenseKind.smoothing else 0
+    top1 = validation_top1(deployed, spec, fashion_shards, 5, sigma=sigma)
     if defense is DefenseKind.none:  # deterministic: the export reproduces the run's own validation
         assert top1 == validation[0]["val_top1"]
     else:  # other noise draws: close to the run's figure
@@ -133,6 +135,8 @@ def curve(run_dir) -> list[tuple]:
 # DAT's recipe has every kind of draw the others have (mixup, cutmix, erasing, drop path) and
 # its own (random starts in the attack, through the frozen VQGAN); the engine's resume itself
 # is tested for pretraining on every ZeRO stage (test_engine.py).
+@pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["dat"])
 def test_sigkill_then_resume_repeats_the_uninterrupted_run(tmp_path, fashion_shards, nim_export, tiny_tokenizer,
                                                            recipe):
@@ -156,6 +160,7 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run(tmp_path, fashion_sha
     assert len([r for r in read_metrics(run_dir) if "val_top1" in r]) == 2
 
 
+@pytest.mark.slow
 def test_bad_finetune_inputs_fail_before_training(tmp_path, fashion_shards):
     base = {**TINY, "run_dir": tmp_path / "run", "data.shards": fashion_shards}
     proc = run_stage("finetune", "configs/finetune/de3_tiny_fmnist.yaml", {**base, "recipe.de3.denoiser": ""})

@@ -110,7 +110,8 @@ def test_augmented_output_shape_range_dtype(fashion_val_shards, channels):
     assert batch.images.min() >= 0 and batch.images.max() <= 1 and batch.images.max() > 0.5
     assert batch.labels.dtype == torch.int64 and 0 <= batch.labels.min() and batch.labels.max() < 10
     if channels == 3:  # grayscale expanded: three equal channels
-        assert torch.equal(batch.images[:, 0], batch.images[:, 1]) and torch.equal(batch.images[:, 1], batch.images[:, 2])
+        red, green, blue = batch.images[:, 0], batch.images[:, 1], batch.images[:, 2]
+        assert torch.equal(red, green) and torch.equal(green, blue)
 
 
 def test_augmentation_crops_and_flips(jpeg_shards):
@@ -171,7 +172,8 @@ def test_truncated_shard_is_a_clear_error_before_start(damaged_copy):
     entry = load_manifest(damaged_copy).splits["val"].shards[7]
     path = damaged_copy / entry.name
     path.write_bytes(path.read_bytes()[:-5000])
-    with pytest.raises(UserError, match=rf"shard .*{entry.name} has {entry.bytes - 5000} bytes, the manifest says {entry.bytes}"):
+    expected = rf"shard .*{entry.name} has {entry.bytes - 5000} bytes, the manifest says {entry.bytes}"
+    with pytest.raises(UserError, match=expected):
         DaliLoader(loader_config(damaged_copy))
 
 

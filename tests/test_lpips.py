@@ -11,7 +11,6 @@ from safetensors.torch import save_file
 from robustmim.errors import ConfigError, UserError
 from pipeline.flops import lpips_flops
 from pipeline.models.lpips import LPIPS, load_lpips
-from pipeline.models.vqgan import VQGAN
 from pipeline.models.weights import read_state_dict
 from pipeline.tokenizer.task import TokenizerModule, TokenizerTask
 
@@ -106,7 +105,8 @@ def test_bad_lpips_weights_are_named(tmp_path, lpips_weights):
 
 
 def perceptual_module(lpips_weights, **loss) -> TokenizerModule:
-    cfg = tiny_config(**{"loss.perceptual_weight": 1.0, "loss.perceptual_weights": f"[{','.join(map(str, lpips_weights))}]",
+    weights = f"[{','.join(map(str, lpips_weights))}]"
+    cfg = tiny_config(**{"loss.perceptual_weight": 1.0, "loss.perceptual_weights": weights,
                          **{f"loss.{k}": v for k, v in loss.items()}})
     torch.manual_seed(0)
     return TokenizerTask(cfg).build(cfg)
@@ -142,7 +142,8 @@ def test_the_adaptive_gan_weight_balances_the_two_gradients_at_the_last_layer(lp
     last = module.model.decoder.conv_out.weight
     nll = (decoded - (images * 2 - 1)).abs().mean() + module.perceptual(images * 2 - 1, decoded).mean()
     gan = -module.discriminator(decoded).mean()
-    ratio = torch.autograd.grad(nll, last, retain_graph=True)[0].norm() / (torch.autograd.grad(gan, last)[0].norm() + 1e-4)
+    nll_norm = torch.autograd.grad(nll, last, retain_graph=True)[0].norm()
+    ratio = nll_norm / (torch.autograd.grad(gan, last)[0].norm() + 1e-4)
     assert float(metrics["adversarial_factor"]) == pytest.approx(0.5 * float(ratio), rel=1e-4)
     loss.backward()  # the factor's own gradients were taken without touching .grad
     assert all(p.grad is not None for p in module.model.parameters() if p.requires_grad)

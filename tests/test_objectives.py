@@ -208,6 +208,7 @@ def test_same_generator_seed_same_loss(model, images):
         assert a.item() == b.item() and a.item() != c.item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mae", "nim", "dmae", "mimir"])
 def test_tiny_model_loss_falls_over_50_cpu_steps_on_fashion_mnist(fashion_val_shards, name):
     torch.manual_seed(0)

@@ -45,6 +45,8 @@ def plant(run_dir, tag: str, name: str, marker) -> None:
     (tag_dir / METADATA).write_text(json.dumps(meta))
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_a_checkpoint_holding_code_is_refused_by_export_and_resume(tmp_path, fashion_val_shards, references):
     run_dir = tmp_path / "run"
     shutil.copytree(references[1], run_dir)
@@ -62,6 +64,8 @@ def test_a_checkpoint_holding_code_is_refused_by_export_and_resume(tmp_path, fas
     assert not marker.exists()
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_missing_latest_and_a_truncated_file_fall_back_to_the_previous_checkpoint(tmp_path, fashion_val_shards,
                                                                                   references):
     """`latest` gone and step 12's optimizer shard cut in half: the run warns, moves step 12 aside,
@@ -97,6 +101,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint_save_is_a_clear_error_and_latest_stays_valid(small_disk,
                                                                                     fashion_val_shards):
     """One checkpoint of this model on one rank takes ~35 MB: the second does not fit in 48 MB."""

@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from robustmim.errors import UserError
-from shards.manifest import load_manifest
 from shards.synthetic import make_image_tree
 
 from conftest import build, read_skipped

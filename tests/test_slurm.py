@@ -18,6 +18,8 @@ from slurm.launch import submit, submit_array
 from conftest import REPO_ROOT
 from helpers import curve, finish, launch, settings
 
+pytestmark = pytest.mark.slurm  # every test here submits to the real Slurm cluster the session starts
+
 ROBUSTMIM = str(Path(sys.executable).parent / "robustmim")
 CPU_TASKS = ["tasks_per_node=2", "cpus_per_task=1", "time=10", "cluster=slurm"]
 
@@ -46,7 +48,8 @@ def test_two_task_job_all_reduces_over_gloo(slurm_cluster, tmp_path):
     assert all(r["world_size"] == 2 and r["sum"] == 3.0 for r in results)  # 1 + 2 on every rank
     assert read_submissions(tmp_path)[0]["job_id"] == job_id
     status = run_cli("status", tmp_path)
-    assert status.returncode == 0 and f"job {job_id} (check, 2 task(s)" in status.stdout and "COMPLETED" in status.stdout
+    assert status.returncode == 0, status.stderr
+    assert f"job {job_id} (check, 2 task(s)" in status.stdout and "COMPLETED" in status.stdout
 
 
 def test_dry_run_prints_the_script_and_submits_nothing(slurm_cluster, tmp_path, fashion_val_shards):

@@ -64,6 +64,7 @@ def test_the_tiny_tokenizer_reconstructs_far_better_than_an_untrained_one(tiny_t
     assert not [k for k in trained.state_dict() if k.startswith("discriminator")]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_repeats_the_uninterrupted_run(tmp_path, fashion_shards, lpips_weights):
     """Every optional term on: LPIPS, and taming's adaptively weighted adversarial term, which
     switches on at step 6, after the checkpoint the resumed run starts from (step 4): the switch

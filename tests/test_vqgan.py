@@ -120,6 +120,7 @@ def test_the_quantizer_picks_the_nearest_code_and_passes_gradients_straight_thro
         VQGANConfig(ch=48, ch_mult=[1, 2])
 
 
+@pytest.mark.slow
 def test_encode_quantize_decode_equals_tamings_modules_on_the_same_weights():
     """taming-transformers (PyPI 0.0.1, CompVis's code): VQModel.encode is encoder -> quant_conv ->
     quantize and VQModel.decode is post_quant_conv -> decoder. VQModel itself is a Lightning module
