@@ -71,7 +71,8 @@ def apgd(model: EvalModel, clean: torch.Tensor, labels: torch.Tensor, cfg: AutoA
          loss_of: Callable, target, generators, rho: float = 0.75) -> tuple[torch.Tensor, torch.Tensor]:
     """(adversarial images, their predictions by the majority vote) for one APGD run on the batch."""
     eps, steps = cfg.epsilon, cfg.steps
-    project = (lambda x: project_linf(x, clean, eps)) if cfg.norm is Norm.linf else (lambda x: project_l2(x, clean, eps))
+    project_onto = project_linf if cfg.norm is Norm.linf else project_l2
+    project = lambda x: project_onto(x, clean, eps)  # noqa: E731
     direction = torch.sign if cfg.norm is Norm.linf else normalized_l2
     view = (-1,) + (1,) * (clean.dim() - 1)
 

@@ -32,21 +32,21 @@ class ClusterKind(enum.Enum):
 
 @dataclass
 class SlurmConfig:
-    cluster: ClusterKind = ClusterKind.auto
-    nodes: int = 1
+    cluster: ClusterKind = ClusterKind.auto  # auto (Slurm where sbatch exists, else local), slurm or local
+    nodes: int = 1  # nodes of the job
     gpus_per_node: int = 0  # one task per GPU; with 0, tasks_per_node CPU tasks
-    tasks_per_node: int = 1
-    cpus_per_task: int = 8
+    tasks_per_node: int = 1  # CPU tasks (ranks) per node when gpus_per_node is 0
+    cpus_per_task: int = 8  # CPU cores per task (loader threads, DALI)
     mem_gb: int = 0  # per node; 0 leaves it to the partition's default
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    time: str = "72:00:00"
-    constraint: str = ""
-    exclusive: bool = False
+    partition: str = ""  # Slurm partition; empty: the cluster's default
+    account: str = ""  # Slurm account to charge; empty: yours by default
+    qos: str = ""  # Slurm quality of service; empty: the default
+    time: str = "72:00:00"  # the time limit per attempt (Slurm formats: minutes, HH:MM:SS, D-HH, ...)
+    constraint: str = ""  # Slurm node features, e.g. h100
+    exclusive: bool = False  # whole nodes for the job
     signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: checkpoint and requeue
     max_requeues: int = 20  # time-limit requeues submitit may do (preemptions are Slurm's)
-    job_name: str = "robustmim"
+    job_name: str = "robustmim"  # the name squeue shows
 
     def __post_init__(self) -> None:
         time_minutes(self.time)

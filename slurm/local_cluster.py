@@ -106,7 +106,8 @@ class LocalCluster:
     def __post_init__(self) -> None:
         self.directory = Path(self.directory).resolve()
         self.hostname = socket.gethostname().split(".")[0]
-        self.node_names = [self.hostname] if self.nodes == 1 else [f"{self.hostname}n{i}" for i in range(1, self.nodes + 1)]
+        self.node_names = ([self.hostname] if self.nodes == 1
+                           else [f"{self.hostname}n{i}" for i in range(1, self.nodes + 1)])
 
     @property
     def conf(self) -> Path:
