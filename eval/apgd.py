@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from pipeline.attacks import normalized_l2, project_l2, project_linf
-from eval.attacks import random_start
+from eval.attacks import perturbation_size, random_start
 from eval.config import AutoAttackConfig, AutoAttackVersion, Norm
 from eval.model import EvalModel
 from eval.sampling import ATTACK, sample_generator
@@ -145,7 +145,8 @@ def autoattack(model: EvalModel, clean: torch.Tensor, labels: torch.Tensor, indi
     view = (-1,) + (1,) * (clean.dim() - 1)
     generators = [sample_generator(seed, i, ATTACK, APGD_PURPOSE, device=device) for i in indices]
     adv, pred = apgd(model, clean, labels, cfg, ce_loss, None, generators)
-    results = {"apgd-ce": {"pred": pred, "correct": pred == labels, "distance": distance(adv, clean, cfg.norm)}}
+    size = perturbation_size(adv, clean, cfg.norm)
+    results = {"apgd-ce": {"pred": pred, "correct": pred == labels, "distance": size}}
     final_adv, final_pred, robust = adv.clone(), pred.clone(), pred == labels
     with torch.no_grad():
         ranking = model.mean_log_probs(clean, generators, cfg.score_draws).argsort(dim=1, descending=True)
@@ -167,10 +168,7 @@ def autoattack(model: EvalModel, clean: torch.Tensor, labels: torch.Tensor, indi
         final_adv[rows] = torch.where(switch.view(view), adv_t, final_adv[rows])
         final_pred[rows] = torch.where(switch, pred_t, final_pred[rows])
         robust[rows] &= ~switch
-    results["aa"] = {"pred": final_pred, "correct": robust, "distance": distance(final_adv, clean, cfg.norm)}
+    results["aa"] = {"pred": final_pred, "correct": robust,
+                     "distance": perturbation_size(final_adv, clean, cfg.norm)}
     return results
 
-
-def distance(adv: torch.Tensor, clean: torch.Tensor, norm: Norm) -> torch.Tensor:
-    delta = (adv - clean).flatten(1)
-    return delta.abs().max(dim=1).values if norm is Norm.linf else delta.norm(dim=1)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from robustmim.errors import UserError
-from eval.apgd import distance
+from eval.attacks import perturbation_size
 from eval.config import AutoAttackConfig, Norm
 from eval.model import EvalModel
 
@@ -58,4 +58,4 @@ def standard_autoattack(model: EvalModel, clean: torch.Tensor, labels: torch.Ten
     adv = suite(clean, labels).detach()
     with torch.no_grad():
         pred = network(adv).argmax(-1)
-    return {"pred": pred, "correct": pred == labels, "distance": distance(adv, clean, cfg.norm)}
+    return {"pred": pred, "correct": pred == labels, "distance": perturbation_size(adv, clean, cfg.norm)}

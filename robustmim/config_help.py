@@ -108,6 +108,7 @@ def _value_of(node, name: str):
     return OmegaConf.to_container(node, enum_to_str=True, resolve=False)[name]
 
 
+@functools.lru_cache(maxsize=None)
 def _hints(schema: type) -> dict:
     import typing
 
