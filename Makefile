@@ -126,7 +126,7 @@ bench-gpu: install
 # For a GPU machine without network whose Python 3.12 has CUDA torch, timm and PyYAML but not
 # omegaconf and DeepSpeed: their wheels (versions from requirements.lock) into .whl/, which
 # bench/gpu_check.sh installs before it runs. DeepSpeed is an sdist: built here as a pure wheel.
-GPU_WHEELS := omegaconf pydantic pydantic_core annotated-types typing-inspection hjson
+GPU_WHEELS := omegaconf pydantic pydantic_core annotated-types typing-inspection typing_extensions hjson
 gpu-wheels: install
 	mkdir -p .whl
 	set -e; for name in $(GPU_WHEELS); do \

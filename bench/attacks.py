@@ -22,14 +22,17 @@ import torch
 
 from robustmim.config import load_config
 from pipeline.models.classifier import ViTClassifier
+from pipeline.engine.config import compiles
 from pipeline.models.config import ClassifierConfig
+from pipeline.models.vit import compile_blocks
 from pipeline.models.deployed import DefenseKind, DeploymentSpec
 from eval.attacks import pgd_attack
 from eval.config import PGDConfig
 from eval.model import EvalModel
 
 
-def measure(encoder: str, batch: int, steps: int, eot: int, repeats: int = 2) -> dict:
+def measure(encoder: str, batch: int, steps: int, eot: int, repeats: int = 2, compile: bool | None = None) -> dict:
+    """PGD images/s with `compile` (None: what eval does, compiled blocks on GPU only)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tiny = encoder.startswith("vit_tiny")
     size, channels = (28, 1) if tiny else (224, 3)
@@ -38,6 +41,9 @@ def measure(encoder: str, batch: int, steps: int, eot: int, repeats: int = 2) ->
                                                f"num_classes={10 if tiny else 1000}"])
     torch.manual_seed(0)
     model = ViTClassifier(cfg).to(device)
+    compiled = compiles(compile, device.type == "cuda")
+    if compiled:
+        compile_blocks(model)
     defense = DefenseKind.smoothing if eot > 1 else DefenseKind.none
     spec = DeploymentSpec(method="bench", weights="-", classifier=cfg, defense=defense, sigma=0.25)
     attack = load_config(PGDConfig, None, ["epsilons=[0.0157]", f"steps={steps}", f"eot={eot}", "score_draws=1"])
@@ -48,7 +54,7 @@ def measure(encoder: str, batch: int, steps: int, eot: int, repeats: int = 2) ->
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for repeat in range(repeats + 1):  # the first is warm-up
+    for repeat in range(repeats + 1):  # the first is warm-up (and compiles)
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
@@ -60,7 +66,7 @@ def measure(encoder: str, batch: int, steps: int, eot: int, repeats: int = 2) ->
             times.append(time.perf_counter() - started)
     seconds = min(times)
     return {"encoder": encoder, "attack": f"PGD-{steps}" + (f" EOT-{eot}" if eot > 1 else ""), "batch": batch,
-            "precision": "bf16" if bf16 else "fp32", "images_per_s": batch / seconds,
+            "precision": "bf16" if bf16 else "fp32", "compiled": compiled, "images_per_s": batch / seconds,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")}
 
 
@@ -70,12 +76,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--eot", default="1,16", help="EOT draws per gradient: 1 (a plain model) and/or more")
+    parser.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
+                        help="compile the classifier's blocks (auto: what `robustmim eval` does, on GPU only)")
     args = parser.parse_args()
-    print(f"{'encoder':<18} {'attack':<14} {'batch':>5} {'dtype':>5} {'images/s':>9} {'peak GiB':>9}")
+    compile = {"auto": None, "true": True, "false": False}[args.compile]
+    print(f"{'encoder':<18} {'attack':<14} {'batch':>5} {'dtype':>5} {'compiled':>8} {'images/s':>9} {'peak GiB':>9}")
     for eot in (int(e) for e in args.eot.split(",")):
-        r = measure(args.encoder, args.batch, args.steps, eot)
-        print(f"{r['encoder']:<18} {r['attack']:<14} {r['batch']:>5} {r['precision']:>5} {r['images_per_s']:>9.1f} "
-              f"{r['peak_gib']:>9.1f}")
+        r = measure(args.encoder, args.batch, args.steps, eot, compile=compile)
+        print(f"{r['encoder']:<18} {r['attack']:<14} {r['batch']:>5} {r['precision']:>5} {str(r['compiled']):>8} "
+              f"{r['images_per_s']:>9.1f} {r['peak_gib']:>9.1f}")
 
 
 if __name__ == "__main__":

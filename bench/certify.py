@@ -22,12 +22,16 @@ import torch
 
 from robustmim.config import load_config
 from pipeline.models.classifier import ViTClassifier
+from pipeline.engine.config import compiles
 from pipeline.models.config import ClassifierConfig
+from pipeline.models.vit import compile_blocks
 from eval.certify import certify
 
 
-def measure(encoder: str, images: int, n: int, n0: int, batch: int, dtype: str = "auto") -> dict:
-    """Seconds per certified image and noisy forwards/s, in `dtype` (auto: what eval uses)."""
+def measure(encoder: str, images: int, n: int, n0: int, batch: int, dtype: str = "auto",
+            compile: bool | None = None) -> dict:
+    """Seconds per certified image and noisy forwards/s, in `dtype` and with `compile` (auto /
+    None: what eval uses, bf16 and compiled blocks on GPU)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = "bf16" if device.type == "cuda" else "fp32"
@@ -37,6 +41,9 @@ def measure(encoder: str, images: int, n: int, n0: int, batch: int, dtype: str =
                                                f"pixel_mean={[0.5] * channels}", f"pixel_std={[0.5] * channels}",
                                                "num_classes=10" if tiny else "num_classes=1000"])
     model = ViTClassifier(cfg).to(device).eval().requires_grad_(False)
+    compiled = compiles(compile, device.type == "cuda")
+    if compiled:
+        compile_blocks(model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     pictures = torch.rand(images + 1, channels, size, size, device=device)
     with autocast:
@@ -51,7 +58,7 @@ def measure(encoder: str, images: int, n: int, n0: int, batch: int, dtype: str =
         elapsed = time.perf_counter() - started  # certify reads its counts on the host: synchronized
     rate = images / elapsed
     return {"encoder": f"{encoder} ({size} px)", "device": f"{device.type} ({torch.get_num_threads()} threads)",
-            "dtype": dtype, "n": n, "n0": n0, "batch": batch, "s_per_image": elapsed / images,
+            "dtype": dtype, "compiled": compiled, "n": n, "n0": n0, "batch": batch, "s_per_image": elapsed / images,
             "images_per_s": rate, "forwards_per_s": rate * (n + n0)}
 
 
@@ -64,11 +71,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: what `robustmim eval` uses (bf16 autocast on GPU, fp32 on CPU)")
+    parser.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
+                        help="compile the classifier's blocks (auto: what `robustmim eval` does, on GPU only)")
     args = parser.parse_args()
-    r = measure(args.encoder, args.images, args.n, args.n0, args.batch, args.dtype)
-    print("| model | device | dtype | N | n0 | batch | s/image | certified images/s | noisy forwards/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| {r['encoder']} | {r['device']} | {r['dtype']} | {r['n']} | {r['n0']} | {r['batch']} | "
+    r = measure(args.encoder, args.images, args.n, args.n0, args.batch, args.dtype,
+                {"auto": None, "true": True, "false": False}[args.compile])
+    print("| model | device | dtype | compiled | N | n0 | batch | s/image | certified images/s | noisy forwards/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {r['encoder']} | {r['device']} | {r['dtype']} | {r['compiled']} | {r['n']} | {r['n0']} | {r['batch']} | "
           f"{r['s_per_image']:.2f} | {r['images_per_s']:.3f} | {r['forwards_per_s']:,.0f} |")
 
 

@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+COMPILE = {"auto": "null", "true": "true", "false": "false"}  # --compile -> the engine's `compile` key
 # objective -> (decoder, micro-batch) at ViT-L: the shipped configs' choices
 VIT_L = {"mae": ("mae", 256), "dmae": ("mae", 256), "mimir": ("mimir", 256), "nim": ("mae", 128)}
 
@@ -90,7 +91,7 @@ def child(args) -> None:
                  f"model.pixel_std={[0.5] * channels}", f"objective.name={args.objective}",
                  f"micro_batch={micro}", f"global_batch={micro * args.accumulation}",
                  f"length.samples={micro * args.accumulation * steps}", f"log_every={args.log_every}",
-                 f"zero_stage={args.zero_stage}", f"compile={str(args.compile).lower()}", f"precision={args.precision}",
+                 f"zero_stage={args.zero_stage}", f"compile={COMPILE[args.compile]}", f"precision={args.precision}",
                  "optim.warmup_epochs=0", f"checkpoint.every_steps={10 * steps}", "checkpoint.keep_last=1"]
     cfg = load_config(PretrainConfig, None, overrides)
     env = detect_env()
@@ -105,7 +106,7 @@ def child(args) -> None:
     rows = [r for r in read_metrics(run_dir) if "images_per_s" in r][1:]  # the first interval compiles/warms up
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan")
     print("RESULT " + json.dumps({"objective": args.objective, "micro": micro, "accumulation": args.accumulation,
-                                  "precision": args.precision,
+                                  "precision": args.precision, "compiled": cfg.compiles(on_gpu),
                                   "images_per_s": statistics.median(r["images_per_s"] for r in rows),
                                   "mfu": statistics.median(r["mfu"] for r in rows), "peak_gib": peak}), flush=True)
 
@@ -115,8 +116,12 @@ def measure(objective: str, args, shards: Path, workdir: str) -> dict:
                args.encoder, "--shards", str(shards), "--workdir", workdir, "--accumulation", str(args.accumulation),
                "--intervals", str(args.intervals), "--log-every", str(args.log_every), "--zero-stage",
                str(args.zero_stage), "--micro", str(args.micro or 0), "--precision", args.precision] + \
-        (["--compile"] if args.compile else [])
-    out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        ["--compile", args.compile]
+    try:  # a hung child (a stuck collective, say) must not eat the rest of a GPU lease
+        out = subprocess.run(command, capture_output=True, text=True, timeout=args.child_timeout_s,
+                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"{objective} took over {args.child_timeout_s:.0f} s:\n{str(e.stdout or '')[-2000:]}")
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{objective} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
@@ -132,9 +137,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--intervals", type=int, default=4, help="log intervals timed (the first is dropped)")
     p.add_argument("--log-every", type=int, default=3)
     p.add_argument("--zero-stage", type=int, default=1)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", default="auto", choices=sorted(COMPILE),
+                   help="compile the transformer blocks (auto: the engine's default, on GPU only)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "bf16_weights"],
                    help="the engine's precision (auto: bf16 autocast on GPU, fp32 on CPU)")
+    p.add_argument("--child-timeout-s", type=float, default=600.0, help="stop one objective's run after this long")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--objective", help=argparse.SUPPRESS)
     p.add_argument("--shards", help=argparse.SUPPRESS)
@@ -155,7 +162,7 @@ def main() -> None:
         return child(args)
     results = run(args)
     print(f"\nrobustmim pretrain's step: {args.encoder}, ZeRO-{args.zero_stage}, {args.accumulation} micro-steps per "
-          f"step, precision {args.precision}{', compiled blocks' if args.compile else ''}")
+          f"step, precision {args.precision}, compile {args.compile}")
     print(f"{'objective':<9} {'micro':>6} {'images/s':>9} {'MFU':>6} {'peak GiB':>9}")
     for r in results:
         print(f"{r['objective']:<9} {r['micro']:>6} {r['images_per_s']:>9.0f} {r['mfu']:>6.1%} {r['peak_gib']:>9.1f}")

@@ -145,6 +145,9 @@ class EvalConfig:
     # bf16 autocast for every forward (attacks, certification); logits, losses and perturbations
     # stay fp32. auto: bf16 on GPU, fp32 on CPU (no bf16 hardware there).
     precision: Precision = Precision.auto
+    # torch.compile each transformer block of the deployed model (classifier, De³'s denoiser):
+    # null (auto) on GPU, where it measured faster, off on CPU.
+    compile: Optional[bool] = None
     # A restart must use the settings its records were made with; with fresh=true, changed
     # settings move the old records to out_dir/superseded/<time>/ and the evaluation starts over.
     fresh: bool = False

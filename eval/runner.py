@@ -29,7 +29,8 @@ from eval.attack_names import attack_key, autoattack_fields, pgd_fields, planned
 from eval.attacks import pgd_attack
 from eval.certify import ABSTAIN, certify, largest_certifiable_radius, predict
 from eval.config import AutoAttackVersion, EvalConfig
-from pipeline.engine.config import uses_bf16
+from pipeline.engine.config import compiles, uses_bf16
+from pipeline.models.vit import compile_blocks
 from eval.model import EvalModel
 from eval.records import MERGED, RECORDS_DIR, RECORDS_FORMAT, RecordWriter, merge_records, recorded_indices
 from eval.sampling import CERTIFY_ESTIMATE, CERTIFY_SELECT, CLEAN, PREDICT, sample_generator, selected_indices
@@ -54,8 +55,10 @@ def certify_sigma(cfg: EvalConfig, spec) -> float | None:
 
 # Settings that do not change any record (per-sample seeding makes batching irrelevant) and so
 # may change between a run and its restart; every other key of EvalConfig shapes the records.
+# Compiled blocks round like another batch size does (fused kernels), no more: performance only.
 PERFORMANCE_ONLY = ("model", "shards", "out_dir", "batch_size", "num_threads", "certify.batch", "predict.batch",
-                    "certify.radii", "fresh", "max_samples", "every_nth", "split", "seed", "compact_attacks")
+                    "certify.radii", "fresh", "max_samples", "every_nth", "split", "seed", "compact_attacks",
+                    "compile")
 
 
 def record_settings(cfg: EvalConfig) -> dict:
@@ -201,6 +204,8 @@ def evaluate_chunk(cfg: EvalConfig, plan: dict, rank: int, world_size: int, loca
     from pipeline.engine.metrics import Progress
 
     module, spec = load_deployed(cfg.model, device)
+    if compiles(cfg.compile, device.type == "cuda"):
+        compile_blocks(module)
     model = EvalModel(module, spec)
     loader = loader_for(cfg, spec, rank, world_size, local_rank)
     out = Path(cfg.out_dir)

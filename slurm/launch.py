@@ -143,6 +143,12 @@ def estimate_memory(cfg, world_size: int, on_gpu: bool = True) -> MemoryEstimate
     shared = {0: (weights + grads + adam, 0), 1: (weights + grads, adam), 2: (weights, grads + adam),
               3: (0, weights + grads + adam)}[cfg.zero_stage]
     half = uses_bf16(cfg.precision, on_gpu)
+    if cfg.precision is not Precision.bf16_weights:
+        # Over fp32 weights, DeepSpeed's ZeRO optimizer keeps its own fp32 copy of the partition it
+        # updates and a flat fp32 gradient partition (8 bytes, sharded), and autocast saves a bf16
+        # copy of every weight for backward (2 bytes, every rank). With these the ViT-L estimates
+        # came within 15% of the peaks measured on one H200 (docs/benchmarks.md; tests/test_benches.py).
+        shared = (shared[0] + (2 * params if half else 0), shared[1] + (8 * params if cfg.zero_stage else 0))
     blocks = block_tokens(cfg)
     activations = None
     if blocks and not cfg.activation_checkpointing:

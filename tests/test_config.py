@@ -91,6 +91,23 @@ def test_bf16_weights_needs_zero_and_is_a_training_mode():
         load_config(EvalConfig, None, ["model=m", "shards=s", "out_dir=o", "precision=bf16_weights"])
 
 
+def test_compile_is_on_for_gpus_unless_set_and_never_with_zero3():
+    from pipeline.cli import TRAINING_STAGES, resolve
+
+    schema = resolve(TRAINING_STAGES["pretrain"][0])
+    path = REPO_ROOT / "configs/pretrain/mae_tiny_fmnist.yaml"
+
+    def compiles(on_gpu, *overrides):
+        return load_config(schema, path, ["run_dir=/x", *overrides]).compiles(on_gpu)
+
+    assert load_config(schema, path, ["run_dir=/x"]).compile is None  # auto
+    assert compiles(True) and not compiles(False)
+    assert not compiles(True, "zero_stage=3")  # auto stays off where ZeRO-3's hooks would break the graphs
+    assert compiles(False, "compile=true") and not compiles(True, "compile=false")
+    with pytest.raises(ConfigError, match="compile=true needs zero_stage <= 2"):
+        load_config(schema, path, ["run_dir=/x", "compile=true", "zero_stage=3"])
+
+
 def test_malformed_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_config(ShardsConfig, None, ["out"])

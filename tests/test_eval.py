@@ -357,6 +357,27 @@ def test_bf16_autocast_agrees_with_fp32_on_predictions_and_robust_accuracy(train
     assert abs(outcome["bf16"][1] - outcome["fp32"][1]) <= 0.05, outcome
 
 
+def test_compiled_blocks_give_the_eager_logits_and_attack_outcomes(trained):
+    """`compile` (on by default on GPU) on CPU: the same logits within float tolerance (inductor
+    fuses, so not bit for bit) and the same PGD outcomes, for a plain and a smoothing model (EOT)."""
+    import copy
+
+    from pipeline.models.vit import compile_blocks
+
+    images, labels = val_batch(trained["shards"], 32)
+    compiled_module = copy.deepcopy(trained["model"])
+    assert compile_blocks(compiled_module) == len(compiled_module.blocks)
+    pgd = load_config(PGDConfig, None, ["epsilons=[0.05]", "steps=3", "eot=2"])
+    for spec in (plain_spec(), smoothing_spec()):
+        eager, compiled = EvalModel(copy.deepcopy(trained["model"]), spec), EvalModel(compiled_module, spec)
+        noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0)) if eager.randomized else None
+        with torch.no_grad():
+            assert torch.allclose(compiled.forward(images, noise), eager.forward(images, noise), rtol=1e-4, atol=1e-5)
+        outcomes = [pgd_attack(model, images, labels, list(range(32)), pgd, 0, seed=0)[0]["correct"]
+                    for model in (eager, compiled)]
+        assert torch.equal(outcomes[0], outcomes[1]), spec.defense
+
+
 class Constant(nn.Module):
     def forward(self, images):
         return torch.tensor([0.0, 5.0, 0.0]).expand(images.shape[0], 3) + 0 * images.flatten(1).sum(1, keepdim=True)
@@ -489,6 +510,19 @@ def test_status_counts_the_recorded_samples_of_an_evaluation(one_rank):
     assert shown.returncode == 0, shown.stderr
     assert f"{one_rank}: eval (started here" in shown.stdout and "evaluation: 40 of 40 samples recorded; merged" \
         in shown.stdout
+
+
+@pytest.mark.slow
+def test_an_eval_with_compiled_blocks_reaches_the_eager_outcomes(trained, one_rank, tmp_path):
+    """`compile=true` through `robustmim eval` (what a GPU does by default): every sample's clean,
+    attack and certification outcome as in the eager evaluation."""
+    run_eval(trained["smoothed"], trained["shards"], tmp_path / "compiled", "compile=true")
+
+    def outcomes(records):
+        return [(r["idx"], r["clean"]["correct"], r["attacks"][PGD3]["correct"], r["certify"]["predict"],
+                 r["predict"]["predict"]) for r in records]
+
+    assert outcomes(merged(tmp_path / "compiled")) == outcomes(merged(one_rank))
 
 
 @pytest.mark.distributed

@@ -160,9 +160,11 @@ def test_a_truncated_safetensors_file_is_a_clear_error(tmp_path):
         read_state_dict(path)
 
 
-def test_compiled_blocks_give_the_eager_loss_and_gradients():
-    """`compile: true` (torch.compile per transformer block) on CPU: the same training step's
-    loss and gradients as eager, within float tolerance (inductor fuses, so not bit for bit)."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_blocks_give_the_eager_loss_and_gradients(checkpointing):
+    """`compile: true` (torch.compile per transformer block; the GPU default) on CPU: the same
+    training step's loss and gradients as eager, within float tolerance (inductor fuses, so not
+    bit for bit), also with activation checkpointing around the compiled blocks."""
     from pipeline.models.vit import compile_blocks
     from pipeline.objectives import ObjectiveConfig, build_objective, step_generator
 
@@ -171,6 +173,8 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
     compiled = MaskedAutoencoder(tiny_config())
     compiled.load_state_dict(eager.state_dict())
     assert compile_blocks(compiled) == 4 + 2  # encoder and decoder blocks
+    for model in (eager, compiled):
+        model.set_grad_checkpointing(checkpointing)
     objective = build_objective(load_config(ObjectiveConfig, None, ["name=dmae"]))
     images = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     losses = []

@@ -63,7 +63,7 @@ def test_dry_run_prints_the_script_and_submits_nothing(slurm_cluster, tmp_path, 
                  f"#SBATCH --output={tmp_path / 'run'}/slurm/%j/%j_0_log.out", "srun --unbuffered",
                  "# world size: 2 (1 node(s) x 2 task(s))",
                  "# per rank: micro batch 16 x 1 accumulation step(s); global batch 32",
-                 "2.2M parameters; model states ~0.02 GB per GPU"):
+                 "2.2M parameters; model states ~0.03 GB per GPU"):
         assert line in out, line
     assert not (tmp_path / "run" / "jobs.jsonl").exists()
     tokenizer = run_cli("submit", "tokenizer", "--config", "configs/tokenizer/tiny_fmnist.yaml",

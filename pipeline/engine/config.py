@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 from omegaconf import MISSING
 
@@ -29,6 +29,14 @@ class Precision(enum.Enum):
 def uses_bf16(precision: Precision, on_gpu: bool) -> bool:
     """Whether the forward runs under bf16 autocast."""
     return precision in (Precision.bf16, Precision.bf16_weights) or (precision is Precision.auto and on_gpu)
+
+
+def compiles(setting: bool | None, on_gpu: bool) -> bool:
+    """Whether the transformer blocks are compiled: `compile: null` (auto) means on a GPU, where
+    compiled blocks measured faster (MAE-L through the engine on one H200: 2,616 against 2,065
+    images/s eager; PGD and certification likewise, docs/benchmarks.md), and off on CPU, where
+    compiling costs more than a short run gains."""
+    return on_gpu if setting is None else setting
 
 
 @dataclass
@@ -93,9 +101,9 @@ class EngineConfig:
     zero_bucket_size: int = 50_000_000  # ZeRO-2 reduce / all-gather bucket (elements)
     precision: Precision = Precision.auto  # auto, fp32, bf16 (autocast) or bf16_weights (DeepSpeed's bf16 mode)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
-    # torch.compile each transformer block (ZeRO 0-2; ZeRO-3's parameter hooks would break the
-    # graphs). Off until measured faster on the target GPU: bench/gpu_check.sh times both.
-    compile: bool = False
+    # torch.compile each transformer block: null (auto) on GPU, off on CPU and with ZeRO-3, whose
+    # parameter hooks inside each block would break the graphs (true is refused there).
+    compile: Optional[bool] = None
     log_every: int = 20  # steps between logs, metric reads and signal checks
     # Per device, the MFU denominator: the H100/H200 dense bf16 spec, as every bench uses.
     peak_tflops: float = PEAK_TFLOPS_DENSE_BF16
@@ -115,6 +123,10 @@ class EngineConfig:
                              "block)")
         if self.log_every <= 0 or self.peak_tflops <= 0 or self.zero_bucket_size <= 0:
             raise ValueError("log_every, peak_tflops and zero_bucket_size must be positive")
+
+    def compiles(self, on_gpu: bool) -> bool:
+        """Whether this run compiles its blocks (`compile: null` resolved for the device)."""
+        return compiles(self.compile, on_gpu and self.zero_stage != 3)
 
     def check_model_input(self, model_size: int, model_channels: int) -> None:
         """The loader's images must be what the ViT takes (found here, not minutes into timm)."""

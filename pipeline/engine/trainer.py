@@ -148,7 +148,7 @@ class Trainer:
         self.hashes = config_hashes(cfg)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         module = task.build(cfg).to(self.device)
-        if cfg.compile:
+        if cfg.compiles(on_gpu):
             compile_blocks(module)
         if env.is_main:
             for note in task.notes:
