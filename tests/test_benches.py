@@ -31,6 +31,21 @@ def test_gpu_check_runs_every_section_at_toy_scale(tmp_path):
     assert float(engine.split("|")[4].replace(",", "")) > 0  # images/s from the Trainer's own log
 
 
+# The benches the GPU check does not run, at their smallest: each must still start and print its
+# table (a bench nobody runs breaks silently when a config rule changes).
+@pytest.mark.slow
+@pytest.mark.parametrize("bench, args, expect", [
+    ("bench.dat", ["--batch", "8", "--warmup", "0", "--steps", "1"], "VQGAN round trip"),
+    ("bench.engine", ["--batch", "8", "--warmup", "0", "--steps", "1"], "zero1"),
+    ("bench.shards", ["--imagenet-like", "20"], "imagenet-like 224-500px JPEG"),
+])
+def test_every_other_bench_runs_at_toy_scale(bench, args, expect):
+    done = subprocess.run([sys.executable, "-m", bench, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert expect in done.stdout, done.stdout
+
+
 def test_the_memory_estimate_counts_one_micro_batch_of_activations():
     def estimate(name, *overrides):
         cfg = load_config(PretrainConfig, REPO_ROOT / f"configs/pretrain/{name}_vitl_in1k.yaml", list(overrides))
