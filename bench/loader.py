@@ -63,28 +63,30 @@ def main() -> None:
     parser.add_argument("--fashion-mnist", action="store_true", help="also the 28 px Fashion-MNIST case")
     args = parser.parse_args()
 
-    scratch = Path(tempfile.mkdtemp(prefix="bench-loader-"))
-    make_image_tree(scratch / "tree", classes=10, train_per_class=args.jpegs // 10, val_per_class=0,
-                    min_size=224, max_size=500, seed=0)
-    build(["source=imagenet", f"input={scratch / 'tree'}", f"out={scratch / 'jpeg'}", "splits=[train]",
-           "shard_max_samples=250"])
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:  # shards built here go with it
+        scratch = Path(tmp)
+        make_image_tree(scratch / "tree", classes=10, train_per_class=args.jpegs // 10, val_per_class=0,
+                        min_size=224, max_size=500, seed=0)
+        build(["source=imagenet", f"input={scratch / 'tree'}", f"out={scratch / 'jpeg'}", "splits=[train]",
+               "shard_max_samples=250"])
 
-    cases = [("JPEG 224-500px -> 224", scratch / "jpeg", 224, 3)]
-    if args.fashion_mnist:
-        build([f"input={FASHION_MNIST_DIR}", f"out={scratch / 'fmnist'}", "splits=[train]", "shard_max_samples=5000"])
-        cases.append(("fashion-mnist 28px PNG -> 28", scratch / "fmnist", 28, 1))
-    rows = []
-    for name, shards, size, channels in cases:
-        cfg = load_config(LoaderConfig, None, [
-            f"shards={shards}", "split=train", f"batch_size={args.batch}", f"image_size={size}",
-            f"channels={channels}", f"num_threads={args.threads}", f"device={args.device}", "shuffle_buffer=1024"])
-        dali = DaliLoader(cfg)
-        rows.append((name, f"DALI ({'gpu' if dali.on_gpu else 'cpu'})", images_per_second(dali, args.batches)))
-        del dali
-        if not args.skip_reference:
-            reference = ReferenceLoader(cfg, num_workers=args.threads)
-            rows.append((name, "webdataset+PIL", images_per_second(reference, args.batches)))
-            del reference
+        cases = [("JPEG 224-500px -> 224", scratch / "jpeg", 224, 3)]
+        if args.fashion_mnist:
+            build([f"input={FASHION_MNIST_DIR}", f"out={scratch / 'fmnist'}", "splits=[train]",
+                   "shard_max_samples=5000"])
+            cases.append(("fashion-mnist 28px PNG -> 28", scratch / "fmnist", 28, 1))
+        rows = []
+        for name, shards, size, channels in cases:
+            cfg = load_config(LoaderConfig, None, [
+                f"shards={shards}", "split=train", f"batch_size={args.batch}", f"image_size={size}",
+                f"channels={channels}", f"num_threads={args.threads}", f"device={args.device}", "shuffle_buffer=1024"])
+            dali = DaliLoader(cfg)
+            rows.append((name, f"DALI ({'gpu' if dali.on_gpu else 'cpu'})", images_per_second(dali, args.batches)))
+            del dali
+            if not args.skip_reference:
+                reference = ReferenceLoader(cfg, num_workers=args.threads)
+                rows.append((name, "webdataset+PIL", images_per_second(reference, args.batches)))
+                del reference
 
     print(f"\nloader throughput, batch {args.batch}, {args.threads} threads/workers, {os.cpu_count()} cores")
     print(f"{'shards -> output':<32} {'loader':<16} {'images/s':>9}")
