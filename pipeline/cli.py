@@ -29,6 +29,20 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, "configs/<stage>/*.yaml", "zero_stage=1 micro_batch=128")
     parser.add_argument("--nproc-per-node", type=int, default=1,
                         help="start this many local ranks with torchrun (not needed under torchrun or srun)")
+    add_resume_argument(parser)
+
+
+RESUME_HELP = ("latest (default): continue from run_dir's newest checkpoint; none: start at step 0 (refused when "
+               "run_dir holds checkpoints); or a step_* directory of any run to start from (checkpoint.resume)")
+
+
+def add_resume_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", metavar="latest|none|PATH", help=RESUME_HELP)
+
+
+def with_resume(overrides: list[str], resume: str | None) -> list[str]:
+    """The overrides with `--resume` as the `checkpoint.resume` key (after them: the flag wins)."""
+    return [*overrides, f"checkpoint.resume={resume}"] if resume else list(overrides)
 
 
 # Exit status of a training run stopped by a signal (preemption, time-limit warning, Ctrl-C
@@ -97,6 +111,7 @@ def run_training(args: argparse.Namespace) -> int:
 
     stage = args.command
     config_class, train = (resolve(ref) for ref in TRAINING_STAGES[stage])
+    args.overrides = with_resume(args.overrides, args.resume)
     if args.print_config:
         print(describe_config(config_class, args.config, args.overrides), end="")
         return 0

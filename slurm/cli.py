@@ -30,13 +30,20 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", help="where a `check` job writes (training stages use their run_dir)")
     parser.add_argument("--array-tasks", type=int, help="eval: number of array tasks (default: one per eval shard)")
     parser.add_argument("--dry-run", action="store_true", help="print the batch script and plan; submit nothing")
+    from pipeline.cli import add_resume_argument
+
+    add_resume_argument(parser)
 
 
 def run_submit(args: argparse.Namespace) -> int:
     from robustmim.config import load_config
     from robustmim.errors import UserError
-    from pipeline.cli import TRAINING_STAGES, resolve
+    from pipeline.cli import TRAINING_STAGES, resolve, with_resume
     from slurm.launch import estimate_memory, submit
+
+    if args.resume and args.stage not in TRAINING_STAGES:
+        raise UserError(f"--resume is for the training stages ({', '.join(TRAINING_STAGES)}), not {args.stage}")
+    args.overrides = with_resume(args.overrides, args.resume)
 
     flags = [f"{name}={getattr(args, 'slurm_' + name)}" for name in FLAGS if getattr(args, "slurm_" + name) is not None]
     if args.slurm_exclusive:

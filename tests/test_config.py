@@ -108,6 +108,31 @@ def test_compile_is_on_for_gpus_unless_set_and_never_with_zero3():
         load_config(schema, path, ["run_dir=/x", "compile=true", "zero_stage=3"])
 
 
+def test_resume_choices_and_which_settings_make_a_checkpoint_another_run():
+    from pipeline.cli import TRAINING_STAGES, resolve
+    from pipeline.engine.trainer import CONFIG_HASHES_VERSION, changed_sections, config_hashes
+
+    schema = resolve(TRAINING_STAGES["pretrain"][0])
+    path = REPO_ROOT / "configs/pretrain/mae_tiny_fmnist.yaml"
+
+    def hashes(*overrides):
+        return config_hashes(load_config(schema, path, ["run_dir=/x", *overrides]))
+
+    assert load_config(schema, path, ["run_dir=/x"]).checkpoint.resume == "latest"
+    for word in ("true", "false", ""):
+        with pytest.raises(ConfigError, match="checkpoint.resume must be latest, none or a step_"):
+            load_config(schema, path, ["run_dir=/x", f"checkpoint.resume={word}"])
+    base = hashes()
+    # where the shards live, how fast they are read: the same run
+    assert hashes("data.shards=/elsewhere", "data.num_threads=7", "data.verify_hashes=true") == base
+    for override, section in (("data.crop_scale=[0.5,1.0]", "data"), ("optim.base_lr=0.1", "optim"),
+                              ("seed=3", "seed"), ("objective.dmae.sigma=0.5", "objective")):
+        assert changed_sections(base, CONFIG_HASHES_VERSION, hashes(override)) == [section], override
+    # checkpoints of version 1 hashed every data setting: their `data` digest is not compared
+    assert changed_sections({**base, "data": "old"}, None, base) == []
+    assert changed_sections({**base, "optim": "old"}, None, base) == ["optim"]
+
+
 def test_malformed_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_config(ShardsConfig, None, ["out"])

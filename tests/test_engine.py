@@ -128,6 +128,57 @@ def test_resume_on_one_rank_after_two(tmp_path, fashion_val_shards, references):
     assert "pretrain: step 12/12" in out
 
 
+def _pretrain(shards, run_dir, *flags, nproc=2, **extra):
+    """`robustmim pretrain` with the shared test settings; (exit status, output)."""
+    overrides = [f"{k}={v}" for k, v in settings(shards, run_dir, **extra).items()]
+    done = subprocess.run([ROBUSTMIM, "pretrain", "--nproc-per-node", str(nproc), *flags, *overrides], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_resume_from_a_chosen_checkpoint_continues_it_and_refuses_changed_settings(tmp_path, fashion_val_shards,
+                                                                                    references):
+    """--resume PATH starts a new run_dir from another run's step_8 and continues it exactly (its
+    steps 9-12 are the reference's), also from moved shards with hash checks on (performance-only
+    settings); a re-run continues run_dir's own checkpoints; changed optimizer settings are refused
+    unless allowed; --resume none is refused where checkpoints exist."""
+    chosen = references[2] / "checkpoints" / "step_00000008"
+    moved = tmp_path / "moved_shards"
+    moved.symlink_to(fashion_val_shards, target_is_directory=True)
+    branch = tmp_path / "branch"
+    status, out = _pretrain(moved, branch, "--resume", str(chosen), **{"data.verify_hashes": "true"})
+    assert status == 0, out[-3000:]
+    assert curve(branch) == curve(references[2])[8:]  # steps 9-12, identical values
+    status, out = _pretrain(moved, branch, "--resume", str(chosen))  # a requeue of the branch: nothing left to do
+    assert status == 0 and "holds checkpoints of its own; continuing from them" in out, out[-3000:]
+    assert curve(branch) == curve(references[2])[8:]
+
+    status, out = _pretrain(fashion_val_shards, tmp_path / "other_lr", "--resume", str(chosen),
+                            **{"optim.base_lr": 2e-3})
+    assert status != 0 and "was saved under other settings of: optim" in out and \
+        "checkpoint.allow_config_change=true" in out, out[-3000:]
+    assert not (tmp_path / "other_lr" / "checkpoints").exists() or \
+        not list((tmp_path / "other_lr" / "checkpoints").glob("step_*"))  # refused before any step
+    status, out = _pretrain(fashion_val_shards, tmp_path / "other_lr", "--resume", str(chosen),
+                            **{"optim.base_lr": 2e-3, "checkpoint.allow_config_change": "true"})
+    assert status == 0 and "with changed config section(s): optim" in out, out[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "other_lr")] == [9, 10, 11, 12]
+
+    # on one rank: the universal conversion goes into the new run's directory, not the chosen one's
+    status, out = _pretrain(fashion_val_shards, tmp_path / "one_rank", "--resume", str(chosen), nproc=1)
+    assert status == 0, out[-3000:]
+    assert (tmp_path / "one_rank" / "checkpoints" / "step_00000008_universal" / METADATA).is_file()
+    assert not list(chosen.parent.glob("*_universal"))
+    assert [r["step"] for r in read_metrics(tmp_path / "one_rank")] == [9, 10, 11, 12]
+
+    status, out = _pretrain(fashion_val_shards, branch, "--resume", "none")
+    assert status != 0 and "checkpoint.resume=none, but" in out and "step_00000012" in out, out[-3000:]
+    status, out = _pretrain(fashion_val_shards, tmp_path / "nowhere", "--resume", str(tmp_path / "missing"))
+    assert status != 0 and "not a complete checkpoint" in out, out[-3000:]
+
+
 @pytest.mark.distributed
 def test_export_of_zero3_equals_zero1_and_needs_no_world_size(tmp_path, references):
     """Consolidating 2-rank shards in this single, non-distributed process."""

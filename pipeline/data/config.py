@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from omegaconf import MISSING
 
@@ -48,6 +49,12 @@ class LoaderConfig:
     # sha256 every shard at start-up: the one defence against same-size damage inside a shard
     # (reads the whole split once, ~1 s per GB per core; sizes and index hashes are always checked).
     verify_hashes: bool = False
+
+    # Settings that change how fast samples come, not which: a resumed run may change them (and the
+    # shard directory's path, e.g. moved to faster storage) without being another run.
+    performance_only: ClassVar[tuple[str, ...]] = (
+        "shards", "batch_size", "num_threads", "prefetch", "device", "hw_decoder_load", "device_memory_padding",
+        "host_memory_padding", "preallocate_width_hint", "preallocate_height_hint", "verify_hashes")
 
     def __post_init__(self) -> None:
         if not 0 <= self.hw_decoder_load <= 1:

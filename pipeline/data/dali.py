@@ -202,6 +202,8 @@ class DaliLoader:
 
     def _check_state(self, state: dict) -> None:
         expected = self._identity()
+        if state.get("shards") == self.shards.path_fingerprint():  # saved by an earlier version, same paths
+            expected["shards"] = state["shards"]
         differ = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if differ:
             details = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())

@@ -40,7 +40,14 @@ class ShardSet:
         return sum(self.samples_per_shard)
 
     def fingerprint(self) -> str:
-        """Identifies the exact shard list, so a saved loader position is only applied to it."""
+        """Identifies the exact shard list (names and sample counts, not where the directory
+        lives: a run may resume from moved shards), so a saved loader position is only applied
+        to it."""
+        names = [f"{Path(tar).name}:{count}" for tar, count in zip(self.tar_paths, self.samples_per_shard)]
+        return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+    def path_fingerprint(self) -> str:
+        """The fingerprint positions saved before 2026-11-30 hold (the shards' full paths)."""
         return hashlib.sha256("\n".join(self.tar_paths).encode()).hexdigest()[:16]
 
 

@@ -37,8 +37,8 @@ import torch.distributed as dist
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_json, atomic_write_text
 from pipeline.dist import broadcast_object
-from pipeline.engine.checkpoint_files import (METADATA, file_records, owned_files, read_metadata, scan_pickles,
-                                              select_checkpoint)
+from pipeline.engine.checkpoint_files import (METADATA, DamagedCheckpoint, check_tag, complete_tags, file_records,
+                                              owned_files, read_metadata, scan_pickles, select_checkpoint)
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
@@ -57,6 +57,7 @@ class ResumePoint:
     samples_seen: int
     world_size: int
     elastic: bool  # saved on another number of ranks: load the universal conversion
+    source: Optional[Path] = None  # the checkpoints directory holding `tag` (None: this run's)
 
     @property
     def load_tag(self) -> str:
@@ -77,13 +78,14 @@ class Checkpointer:
         path = self.dir / LATEST
         return path.read_text().strip() if path.is_file() else None
 
-    def resume_point(self) -> Optional[ResumePoint]:
-        """The checkpoint to continue from, chosen and checked by rank 0 and broadcast (all ranks
-        agree); None if there is none."""
+    def resume_point(self, choice: str = "latest") -> Optional[ResumePoint]:
+        """The checkpoint to continue from (`checkpoint.resume`: latest, none or a step_*
+        directory), chosen and checked by rank 0 and broadcast (all ranks agree); None if there is
+        none."""
         point = None
         if self.rank == 0:
             try:
-                point = self._choose()
+                point = self._choose_among(choice)
             except UserError as e:
                 point = e
         point = broadcast_object(point)
@@ -92,6 +94,31 @@ class Checkpointer:
         if point is not None and point.elastic:
             self._ensure_universal(point)
         return point
+
+    def _choose_among(self, choice: str) -> Optional[ResumePoint]:
+        own = complete_tags(self.dir)
+        if choice == "none":
+            if own:
+                raise UserError(f"checkpoint.resume=none, but {self.dir} holds checkpoints (newest {own[0]}): choose "
+                                f"another run_dir, or resume=latest to continue them")
+            return None
+        if choice == "latest":
+            return self._choose()
+        chosen = Path(choice).absolute()
+        if own:  # a requeue or re-run of a run that started from `chosen`: continue it
+            if chosen.parent != self.dir.absolute():
+                print(f"note: {self.dir} holds checkpoints of its own; continuing from them, not from {chosen} "
+                      f"(checkpoint.resume names where the run started)", file=sys.stderr, flush=True)
+            return self._choose()
+        if not (chosen / METADATA).is_file():
+            raise UserError(f"checkpoint.resume={choice}: not a complete checkpoint (a step_* directory holding "
+                            f"{METADATA})")
+        try:
+            meta = check_tag(chosen)
+        except DamagedCheckpoint as e:
+            raise UserError(f"checkpoint.resume={choice} is damaged: {e}") from None
+        return ResumePoint(chosen.name, meta["step"], meta["samples_seen"], meta["world_size"],
+                           meta["world_size"] != self.world_size, source=chosen.parent)
 
     def _choose(self) -> Optional[ResumePoint]:
         chosen = select_checkpoint(self.dir, self.latest_tag(), warn)
@@ -117,7 +144,7 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             result = subprocess.run(
                 [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                 str(self.dir / point.tag), "--output_folder", str(partial), "--inject_missing_state"],
+                 str(self.source_of(point) / point.tag), "--output_folder", str(partial), "--inject_missing_state"],
                 capture_output=True, text=True)
             if result.returncode == 0:
                 try:
@@ -125,10 +152,10 @@ class Checkpointer:
                 except Exception as e:  # noqa: BLE001 - named in the error below
                     result = subprocess.CompletedProcess(result.args, 1, stderr=f"{e}")
             if result.returncode != 0:
-                error = UserError(f"converting {self.dir / point.tag} to a universal checkpoint for "
+                error = UserError(f"converting {self.source_of(point) / point.tag} to a universal checkpoint for "
                                   f"{self.world_size} ranks failed:\n{result.stderr[-2000:]}")
             else:
-                meta = read_metadata(self.dir / point.tag)
+                meta = read_metadata(self.source_of(point) / point.tag)
                 meta.pop("files", None)  # those digests describe the original tag's files
                 atomic_write_json(partial / METADATA, meta)
                 shutil.rmtree(target, ignore_errors=True)
@@ -140,12 +167,17 @@ class Checkpointer:
         if error is not None:
             raise error
 
+    def source_of(self, point: ResumePoint) -> Path:
+        return point.source if point.source is not None else self.dir
+
     def load(self, engine, point: ResumePoint) -> dict:
-        _, client_state = engine.load_checkpoint(str(self.dir), tag=point.load_tag,
+        # a universal conversion is written into this run's directory, also for another run's tag
+        folder = self.dir if point.elastic else self.source_of(point)
+        _, client_state = engine.load_checkpoint(str(folder), tag=point.load_tag,
                                                  load_module_strict=True, load_optimizer_states=True,
                                                  load_lr_scheduler_states=True)
         if client_state is None:
-            raise UserError(f"DeepSpeed could not load {self.dir / point.load_tag}")
+            raise UserError(f"DeepSpeed could not load {folder / point.load_tag}")
         return client_state
 
     # -- saving --------------------------------------------------------------------------------

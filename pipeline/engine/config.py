@@ -61,11 +61,21 @@ class OptimConfig:
 class CheckpointConfig:
     every_steps: int = 1000  # also on SIGTERM / SIGUSR1 and at the end
     keep_last: int = 3  # checkpoints kept (older ones go once a newer one is complete)
-    resume: bool = True  # continue from <run_dir>/checkpoints/latest when there is one
+    # latest: continue from <run_dir>/checkpoints/latest when there is one (what a requeued job
+    # does); none: start at step 0, refused when run_dir already holds checkpoints (nothing is
+    # overwritten); or a step_* directory (any run's): start from it when run_dir holds none of
+    # its own, else continue from run_dir's latest (a requeue of that run).
+    resume: str = "latest"
+    # Resuming a checkpoint saved under other optim, data, seed, batch or model settings is
+    # refused, naming them; true continues anyway (e.g. a moved shard directory).
+    allow_config_change: bool = False
 
     def __post_init__(self) -> None:
         if self.every_steps <= 0 or self.keep_last <= 0:
             raise ValueError("checkpoint.every_steps and checkpoint.keep_last must be positive")
+        if self.resume in ("", "true", "false", "True", "False"):
+            raise ValueError(f"checkpoint.resume must be latest, none or a step_* checkpoint directory, "
+                             f"got {self.resume!r}")
 
 
 @dataclass

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from omegaconf import OmegaConf
 
 from robustmim.config import to_yaml
 from robustmim.errors import UserError
@@ -38,12 +41,28 @@ from pipeline.models.vit import compile_blocks
 from pipeline.objectives.base import step_generator
 
 
+# 2: a section's performance-only settings (LoaderConfig.performance_only) are left out of its
+# hash. Checkpoints of version 1 hashed them into `data`, which is then not compared.
+CONFIG_HASHES_VERSION = 2
+
+
 def config_hashes(cfg: EngineConfig) -> dict[str, str]:
+    """One digest per section whose change makes a checkpoint another run's (`hashed_sections`)."""
     def digest(value) -> str:
-        text = to_yaml(value) if dataclasses.is_dataclass(value) else repr(value)
+        if dataclasses.is_dataclass(value) and getattr(value, "performance_only", ()):
+            tree = OmegaConf.to_container(OmegaConf.structured(value), enum_to_str=True)
+            text = json.dumps({k: v for k, v in tree.items() if k not in value.performance_only}, sort_keys=True)
+        else:  # as version 1 hashed them, so those digests stay comparable
+            text = to_yaml(value) if dataclasses.is_dataclass(value) else repr(value)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     return {name: digest(getattr(cfg, name)) for name in cfg.hashed_sections}
+
+
+def changed_sections(saved: dict, version: int | None, current: dict[str, str]) -> list[str]:
+    """The hashed sections a checkpoint was saved under other settings of (those it recorded)."""
+    comparable = {k: v for k, v in current.items() if version == CONFIG_HASHES_VERSION or k != "data"}
+    return sorted(k for k, v in comparable.items() if k in saved and saved[k] != v)
 
 
 def deepspeed_config(cfg: EngineConfig, accumulation: int, bf16: bool, universal: bool) -> dict:
@@ -144,7 +163,7 @@ class Trainer:
             raise refusal
 
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last, env.rank, env.world_size)
-        resume = self.checkpointer.resume_point() if cfg.checkpoint.resume else None
+        resume = self.checkpointer.resume_point(cfg.checkpoint.resume)
         self.hashes = config_hashes(cfg)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         module = task.build(cfg).to(self.device)
@@ -174,8 +193,11 @@ class Trainer:
     def _restore(self, point: ResumePoint) -> DaliLoader:
         client = self.checkpointer.load(self.engine, point)
         self.step, self.samples_seen = point.step, point.samples_seen
-        saved = client.get("config_hashes", {})
-        changed = sorted(k for k in self.hashes if saved.get(k) != self.hashes[k])
+        changed = changed_sections(client.get("config_hashes", {}), client.get("config_hashes_version"), self.hashes)
+        if changed and not self.cfg.checkpoint.allow_config_change:  # the same on every rank: all stop
+            raise UserError(f"{self.checkpointer.source_of(point) / point.tag} was saved under other settings of: "
+                            f"{', '.join(changed)}; resume it anyway with checkpoint.allow_config_change=true, or "
+                            f"start a new run_dir")
         if changed and self.env.is_main:
             print(f"note: resuming {point.tag} with changed config section(s): {', '.join(changed)}", flush=True)
         if point.elastic:  # a new world size: a fresh, deterministic stream (see checkpoint.py)
@@ -191,7 +213,8 @@ class Trainer:
                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         ranks = [None] * self.env.world_size
         dist.all_gather_object(ranks, mine)
-        return {"step": self.step, "samples_seen": self.samples_seen, "config_hashes": self.hashes, "ranks": ranks}
+        return {"step": self.step, "samples_seen": self.samples_seen, "config_hashes": self.hashes,
+                "config_hashes_version": CONFIG_HASHES_VERSION, "ranks": ranks}
 
     def save(self) -> str:
         return self.checkpointer.save(self.engine, self.step, self.samples_seen, self.hashes["model"],
