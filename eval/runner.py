@@ -20,6 +20,7 @@ from robustmim.config import load_config
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_json, atomic_write_text, sha256_of_file
 from robustmim.provenance import write_provenance
+from robustmim.log import get_logger
 from pipeline.data.config import LoaderConfig
 from pipeline.data.dali import DaliLoader
 from pipeline.data.shardset import open_shards
@@ -35,6 +36,8 @@ from eval.model import EvalModel
 from eval.records import MERGED, RECORDS_DIR, RECORDS_FORMAT, RecordWriter, merge_records, recorded_indices
 from eval.sampling import CERTIFY_ESTIMATE, CERTIFY_SELECT, CLEAN, PREDICT, sample_generator, selected_indices
 from eval.summary import cohen_table, summarize
+
+log = get_logger(__name__)
 
 PLAN = "plan.json"
 
@@ -122,8 +125,8 @@ def write_plan(cfg: EvalConfig, check_previous: bool = True) -> dict:
         reach = largest_certifiable_radius(plan["certify_sigma"], cfg.certify.n, cfg.certify.alpha)
         beyond = [r for r in cfg.certify.radii if r > reach]
         if beyond:
-            print(f"eval: warning: with certify.n={cfg.certify.n} and alpha={cfg.certify.alpha} no radius above "
-                  f"{reach:.3f} can be certified at sigma {plan['certify_sigma']:g}; radii {beyond} will read 0")
+            log.warning(f"eval: with certify.n={cfg.certify.n} and alpha={cfg.certify.alpha} no radius above "
+                        f"{reach:.3f} can be certified at sigma {plan['certify_sigma']:g}; radii {beyond} will read 0")
     out = Path(cfg.out_dir)
     previous = out / PLAN
     if check_previous and previous.is_file():
@@ -137,7 +140,7 @@ def write_plan(cfg: EvalConfig, check_previous: bool = True) -> dict:
             for name in (PLAN, RECORDS_DIR, MERGED, "summary.json", "certify.tsv"):
                 if (out / name).exists():
                     (out / name).rename(aside / name)
-            print(f"eval: settings changed ({'; '.join(changed)}); the previous evaluation moved to {aside}")
+            log.info(f"eval: settings changed ({'; '.join(changed)}); the previous evaluation moved to {aside}")
         elif changed:
             raise UserError(f"{out} holds records made with other settings ({'; '.join(changed)}): use another "
                             f"out_dir, or fresh=true to move the old evaluation aside and start over")

@@ -73,7 +73,9 @@ def launch_local_ranks(stage: str, nproc_per_node: int, config: str | None, over
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc_per_node),
                "--master_port", str(free_port()), "-m", "robustmim.cli", stage,
                *(["--config", config] if config else []), *overrides]
-    child = subprocess.Popen(command, env={**os.environ, SUPERVISED_ENV: str(os.getpid())})
+    # torchrun sets OMP_NUM_THREADS=1 for its ranks when unset, with a banner saying so: the
+    # same value, set here, without the banner.
+    child = subprocess.Popen(command, env={"OMP_NUM_THREADS": "1", **os.environ, SUPERVISED_ENV: str(os.getpid())})
 
     def forward(signum, frame) -> None:
         for worker in psutil.Process(child.pid).children(recursive=True):

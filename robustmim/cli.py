@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from robustmim.errors import UserError
+from robustmim.log import quiet_libraries, setup_logging
 
 # stage name -> (module, its add-arguments function, its run function, one-line help, an example)
 STAGES = {
@@ -72,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # the rank a launcher (torchrun, srun) gave this process; 0 for the command run by hand
+    setup_logging(int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0))
+    quiet_libraries()
     try:
         return int(args._run(args) or 0)
     except UserError as e:

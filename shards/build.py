@@ -13,12 +13,12 @@ import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_text
 from robustmim.provenance import write_provenance
+from robustmim.log import get_logger
 from shards.config import ShardsConfig
 from shards.manifest import (SKIPPED_NAME, Manifest, ShardEntry, SplitEntry, manifest_path,
                              save_manifest)
@@ -27,6 +27,8 @@ from shards.plan import SHARD_FILE, ShardPlan, plan_split
 from shards.sources import Skipped, Source, open_source
 from shards.writer import (BUILD_RECORDS_DIR, ShardRecord, ShardTask, check_completed, read_record,
                            write_shard)
+
+log = get_logger(__name__)
 
 _TMP_FILE = re.compile(r"^\..*\.tmp(-\d+)?$")
 
@@ -75,7 +77,7 @@ def build_shards(cfg: ShardsConfig) -> Manifest:
         plans += plan_split(split, samples, cfg.seed, cfg.shard_max_bytes, cfg.shard_max_samples)
     removed = remove_unplanned_shards(out_dir, plans)
     if removed:
-        print(f"removed {len(removed)} shard file(s) of an earlier build not in this plan", file=sys.stderr)
+        log.info(f"removed {len(removed)} shard file(s) of an earlier build not in this plan")
 
     recorded = [p for p in plans if (r := read_record(out_dir, p.name)) and r.fingerprint == p.fingerprint()]
     checks = [(str(out_dir), p.name, p.fingerprint()) for p in recorded]
@@ -86,7 +88,7 @@ def build_shards(cfg: ShardsConfig) -> Manifest:
     if todo:
         manifest_path(out_dir).unlink(missing_ok=True)
         if kept:
-            print(f"resuming: {len(kept)} completed shard(s) kept, {len(todo)} to write", file=sys.stderr)
+            log.info(f"resuming: {len(kept)} completed shard(s) kept, {len(todo)} to write")
         tasks = [(_task(out_dir, source, p),) for p in todo]
         try:
             for r in run_parallel(write_shard, tasks, workers, "writing shards", [len(p.samples) for p in todo],

@@ -24,6 +24,7 @@ from typing import Optional
 
 import submitit
 
+from robustmim.log import quiet_libraries, setup_logging
 from pipeline.cli import TRAINING_STAGES
 from pipeline.dist import slurm_port
 
@@ -86,6 +87,8 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def __call__(self):
         attempt = self._export_dist_env()
+        setup_logging(attempt["rank"])
+        quiet_libraries()
         if attempt["rank"] == 0:  # one line per (re)start: requeues are visible in `robustmim status`
             self._log(attempt)
         if self.stage == "check":
@@ -127,6 +130,9 @@ class EvalTask:
         from robustmim.config import load_config
         from eval.config import EvalConfig
         from eval.runner import run_eval
+
+        setup_logging(rank)
+        quiet_libraries()
 
         threads = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
         if threads:

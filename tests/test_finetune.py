@@ -85,6 +85,9 @@ def test_each_recipe_learns_and_exports_its_deployed_model(tmp_path, fashion_sha
         fashion_shards, run_dir, nim_export, **{"recipe.de3.denoiser": nim_export,
                                                 "recipe.dat.tokenizer": tiny_tokenizer})))
     assert "initialized from" in out and "4 missing: fc_norm.bias, fc_norm.weight, head.bias, head.weight" in out
+    assert out.count("initialized from") == 1  # notes from rank 0 only
+    for noise in ("Setting accelerator to CPU", "OMP_NUM_THREADS", "built successfully", "all_gather_into_tensor"):
+        assert noise not in out, noise  # DeepSpeed's and torchrun's chatter stays out of the console
     validation = [r for r in read_metrics(run_dir) if "val_top1" in r]
     assert [r["step"] for r in validation] == [80] and validation[0]["val_samples"] == 2000
     assert validation[0]["val_top1"] >= 0.30, validation

@@ -36,9 +36,12 @@ import torch.distributed as dist
 
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_json, atomic_write_text
+from robustmim.log import get_logger
 from pipeline.dist import broadcast_object
 from pipeline.engine.checkpoint_files import (METADATA, DamagedCheckpoint, check_tag, complete_tags, file_records,
                                               owned_files, read_metadata, scan_pickles, select_checkpoint)
+
+log = get_logger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
@@ -65,7 +68,7 @@ class ResumePoint:
 
 
 def warn(text: str) -> None:
-    print(f"warning: {text}", file=sys.stderr, flush=True)
+    log.warning(text)
 
 
 class Checkpointer:
@@ -107,8 +110,8 @@ class Checkpointer:
         chosen = Path(choice).absolute()
         if own:  # a requeue or re-run of a run that started from `chosen`: continue it
             if chosen.parent != self.dir.absolute():
-                print(f"note: {self.dir} holds checkpoints of its own; continuing from them, not from {chosen} "
-                      f"(checkpoint.resume names where the run started)", file=sys.stderr, flush=True)
+                log.info(f"note: {self.dir} holds checkpoints of its own; continuing from them, not from {chosen} "
+                         f"(checkpoint.resume names where the run started)")
             return self._choose()
         if not (chosen / METADATA).is_file():
             raise UserError(f"checkpoint.resume={choice}: not a complete checkpoint (a step_* directory holding "

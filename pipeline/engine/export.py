@@ -11,6 +11,8 @@ the model config needed to rebuild the network.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -19,8 +21,11 @@ import yaml
 
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_json
+from robustmim.log import get_logger
 from pipeline.engine.checkpoint import CHECKPOINTS_DIR, LATEST, warn
 from pipeline.engine.checkpoint_files import METADATA, check_tag, safe_torch_load, select_checkpoint
+
+log = get_logger(__name__)
 
 WRAPPER_PREFIX = "model."
 EXPORT_FORMAT = "robustmim-mae/1"
@@ -49,7 +54,11 @@ def consolidated_state_dict(checkpoints: Path, tag: str) -> dict[str, torch.Tens
     if any(tag_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
+        # zero_to_fp32 narrates its work (prints and a progress bar): debug level, not the console
+        with contextlib.redirect_stdout(io.StringIO()) as printed, contextlib.redirect_stderr(printed):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
+        for line in printed.getvalue().splitlines():
+            log.debug(f"deepspeed: {line}")
     else:  # ZeRO stage 0: the model states file holds the whole module
         state = safe_torch_load(tag_dir / "mp_rank_00_model_states.pt", mmap=False)["module"]
     return {k[len(WRAPPER_PREFIX):]: v.float().contiguous() for k, v in state.items() if k.startswith(WRAPPER_PREFIX)}

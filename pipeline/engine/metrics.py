@@ -17,6 +17,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from robustmim.fileio import atomic_write_text
+from robustmim.log import get_logger
+
+log = get_logger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SUPERSEDED_FILE = "metrics.superseded.jsonl"
@@ -72,7 +75,10 @@ class MetricsLog:
                 f.flush()
                 os.fsync(f.fileno())
             note = f"{len(cut)} metrics rows after step {start_step} moved to {SUPERSEDED_FILE}"
-            print(("note: " if start_step else "warning: ") + note, file=sys.stderr, flush=True)
+            if start_step:
+                log.info(f"note: {note}")
+            else:
+                log.warning(note)
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
         from torch.utils.tensorboard import SummaryWriter
 

@@ -11,8 +11,10 @@ device only at log intervals: one all-reduce carries the interval's loss and the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import time
@@ -27,6 +29,7 @@ from robustmim.config import to_yaml
 from robustmim.errors import UserError
 from robustmim.provenance import write_provenance
 from robustmim.runlock import DirectoryLock
+from robustmim.log import get_logger
 from pipeline.data.dali import DaliLoader, use_gpu
 from pipeline.data.shardset import open_shards
 from pipeline.dist import broadcast_object, detect_env, init_distributed, shutdown_distributed
@@ -39,6 +42,8 @@ from pipeline.engine.signals import StopRequest
 from pipeline.engine.task import TrainingTask
 from pipeline.models.vit import compile_blocks
 from pipeline.objectives.base import step_generator
+
+log = get_logger(__name__)
 
 
 # 2: a section's performance-only settings (LoaderConfig.performance_only) are left out of its
@@ -169,18 +174,22 @@ class Trainer:
         module = task.build(cfg).to(self.device)
         if cfg.compiles(on_gpu):
             compile_blocks(module)
-        if env.is_main:
-            for note in task.notes:
-                print(f"{task.stage}: {note}", flush=True)
+        for note in task.notes:
+            log.info(f"{task.stage}: {note}")
         groups = task.param_groups(module)
         optimizer, scheduler = build_optimizer(groups, cfg.optim, cfg.global_batch, warmup_steps, self.total_steps)
         self.first_group_scale = groups[0]["lr_scale"]  # logs show the peak (scale 1) lr
         self.bf16 = bf16 = uses_bf16(cfg.precision, on_gpu)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=module, optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, self.accumulation, bf16, bool(resume and resume.elastic)),
-            dist_init_required=False)
+        # DeepSpeed prints (not logs) that it built its CPU shared-memory collective on every rank:
+        # kept at debug level, out of the console.
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=module, optimizer=optimizer,
+                lr_scheduler=scheduler,
+                config=deepspeed_config(cfg, self.accumulation, bf16, bool(resume and resume.elastic)),
+                dist_init_required=False)
+        for line in printed.getvalue().splitlines():
+            log.debug(f"deepspeed: {line}")
         self.step, self.samples_seen = 0, 0
         self.last_validation: dict = {}
         self.loader = self._restore(resume) if resume else self._loader(cfg.data.seed, None)
@@ -198,8 +207,8 @@ class Trainer:
             raise UserError(f"{self.checkpointer.source_of(point) / point.tag} was saved under other settings of: "
                             f"{', '.join(changed)}; resume it anyway with checkpoint.allow_config_change=true, or "
                             f"start a new run_dir")
-        if changed and self.env.is_main:
-            print(f"note: resuming {point.tag} with changed config section(s): {', '.join(changed)}", flush=True)
+        if changed:
+            log.info(f"note: resuming {point.tag} with changed config section(s): {', '.join(changed)}")
         if point.elastic:  # a new world size: a fresh, deterministic stream (see checkpoint.py)
             return self._loader(self.cfg.data.seed + 1_000_003 * point.step, None)
         mine = client["ranks"][self.env.rank]
