@@ -23,8 +23,8 @@ from robustmim.config import load_config
 from bench.step import matmul_peak, median_seconds
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.recipes import build_recipe
-from pipeline.finetune.task import FinetuneModule
-from pipeline.flops import PEAK_TFLOPS_DENSE_BF16, finetune_flops_per_image, vqgan_flops
+from pipeline.finetune.task import FinetuneModule, finetune_flops_per_image
+from pipeline.flops import PEAK_TFLOPS_DENSE_BF16, vqgan_flops
 from pipeline.models.classifier import ViTClassifier
 from pipeline.models.vqgan import PRESETS, VQGAN, reconstruct
 from pipeline.objectives import step_generator

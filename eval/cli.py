@@ -29,7 +29,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from robustmim.config import load_config
     from robustmim.config_help import describe_config
     from robustmim.errors import UserError
-    from pipeline.cli import launch_local_ranks
+    from robustmim.launcher import launch_local_ranks
     from eval.config import EvalConfig
 
     from eval.runner import finalize, run_eval

@@ -18,7 +18,6 @@ from pipeline.models.config import EncoderConfig, ModelConfig
 from pipeline.objectives.config import ObjectiveConfig, ObjectiveName
 
 if TYPE_CHECKING:
-    from pipeline.finetune.config import FinetuneConfig
     from pipeline.models.vqgan import VQGANConfig
 
 # The one MFU denominator of the trainer's log and every bench: an H100 / H200's dense bf16
@@ -92,29 +91,6 @@ def classifier_pass(cfg: EncoderConfig, num_classes: int) -> PassFlops:
     linear, attention = _blocks(1 + patches, cfg.embed_dim, cfg.depth, cfg.mlp_ratio)
     return PassFlops(patch_embed=2 * patches * patch_dim * cfg.embed_dim,
                      linear=linear + 2 * cfg.embed_dim * num_classes, attention=attention)
-
-
-def finetune_flops_per_image(cfg: FinetuneConfig, denoiser: ModelConfig | None = None,
-                             tokenizer: VQGANConfig | None = None,
-                             attention_backward: float = FUSED_ATTENTION_BACKWARD) -> float:
-    """FLOPs of one fine-tuning step per image: the classifier's training pass, times the noisy
-    copies (DMAE), plus the attack's input-gradient passes (MIMIR), the denoiser's forward (De³),
-    or DAT's second training pass, its attack step and two VQGAN round trips."""
-    from pipeline.finetune.config import RecipeName
-
-    classifier = classifier_pass(cfg.model, cfg.model.num_classes)
-    total = classifier.training(attention_backward)
-    recipe = cfg.recipe
-    if recipe.name is RecipeName.dmae:
-        total *= recipe.dmae.copies
-    elif recipe.name is RecipeName.mimir:
-        total += recipe.mimir.steps * classifier.input_gradient(attention_backward)
-    elif recipe.name is RecipeName.de3 and denoiser is not None:
-        total += autoencoder_pass(denoiser, 0.0).forward
-    elif recipe.name is RecipeName.dat and tokenizer is not None:
-        total = 2 * total + classifier.input_gradient(attention_backward)
-        total += 2 * vqgan_flops(tokenizer, cfg.model.img_size, train=False)
-    return total
 
 
 def counted_flops(build, run, train: bool) -> float:

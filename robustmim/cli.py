@@ -7,61 +7,24 @@ heavy imports (torch, DALI, DeepSpeed) inside `run`, so `robustmim --help` stays
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
 from robustmim.errors import UserError
 from robustmim.log import quiet_libraries, setup_logging
-
-# stage name -> (module, its add-arguments function, its run function, one-line help, an example)
-STAGES = {
-    "shards": ("shards.cli", "add_arguments", "run", "build, verify and summarize WebDataset shards",
-               "robustmim shards build --config configs/shards/fashion_mnist.yaml out=runs/demo/shards"),
-    "pretrain": ("pipeline.cli", "add_training_arguments", "run_training",
-                 "pretrain an autoencoder (MAE, NIM, DMAE, MIMIR) with DeepSpeed",
-                 "robustmim pretrain --config configs/pretrain/dmae_tiny_fmnist.yaml --nproc-per-node 2 "
-                 "run_dir=runs/demo/pretrain_dmae data.shards=runs/demo/shards"),
-    "finetune": ("pipeline.cli", "add_training_arguments", "run_training",
-                 "fine-tune a pretrained encoder into each defense's classifier (standard, De3, DMAE, MIMIR, DAT)",
-                 "robustmim finetune --config configs/finetune/dmae_tiny_fmnist.yaml --nproc-per-node 2 "
-                 "run_dir=runs/demo/finetune_dmae init=runs/demo/dmae_tiny.safetensors"),
-    "tokenizer": ("pipeline.cli", "add_training_arguments", "run_training",
-                  "train a VQGAN tokenizer on the shards (the discretizer of DAT fine-tuning)",
-                  "robustmim tokenizer --config configs/tokenizer/tiny_fmnist.yaml --nproc-per-node 2 "
-                  "run_dir=runs/demo/tokenizer"),
-    "export": ("pipeline.cli", "add_export_arguments", "run_export",
-               "consolidate a checkpoint into safetensors: an autoencoder, a tokenizer, or a classifier with its "
-               "deployment JSON",
-               "robustmim export runs/demo/pretrain_dmae --out runs/demo/dmae_tiny.safetensors"),
-    "eval": ("eval.cli", "add_eval_arguments", "run_eval_command",
-             "robustness of a classifier export: clean, PGD (EOT for randomized defenses), CERTIFY / PREDICT",
-             "robustmim eval --config configs/eval/tiny_fmnist.yaml --nproc-per-node 2 certify.enabled=true "
-             "--model runs/demo/classifiers/dmae_tiny.json --data runs/demo/shards --out runs/demo/eval/dmae"),
-    "report": ("eval.cli", "add_report_arguments", "run_report",
-               "one markdown table and PNG plots from several evaluations",
-               "robustmim report runs/demo/eval/standard runs/demo/eval/dmae --out runs/demo/report"),
-    "study": ("eval.cli", "add_study_arguments", "run_study_command",
-              "the papers' claims as paired comparisons of evaluations (exact McNemar tests, verdicts, plots)",
-              "robustmim study --config configs/study/tiny_fmnist.yaml runs=runs/demo out=docs/results.md"),
-    "submit": ("slurm.cli", "add_submit_arguments", "run_submit",
-               "send a stage to Slurm (or the local executor) through submitit",
-               "robustmim submit pretrain --config configs/pretrain/mae_vitl_in1k.yaml --nodes 4 --gpus-per-node 8 "
-               "--partition gpu data.shards=/data/in1k run_dir=/scratch/mae_l --dry-run"),
-    "status": ("slurm.cli", "add_status_arguments", "run_status", "show a run's jobs, last step and checkpoint",
-               "robustmim status /scratch/mae_l"),
-}
+from robustmim.stages import STAGES, Stage, commands, resolve
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(stages: tuple[Stage, ...] = STAGES) -> argparse.ArgumentParser:
+    """One subcommand per stage with a command of its own (robustmim/stages.py)."""
     parser = argparse.ArgumentParser(prog="robustmim", description=__doc__.splitlines()[0])
-    stages = parser.add_subparsers(dest="command", metavar="<stage>", required=True)
-    for name, (module_name, add_arguments, run, help_text, example) in STAGES.items():
-        sub = stages.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-        module = importlib.import_module(module_name)
-        getattr(module, add_arguments)(sub)
-        sub.set_defaults(_run=getattr(module, run))
+    subparsers = parser.add_subparsers(dest="command", metavar="<stage>", required=True)
+    for stage in commands(stages):
+        sub = subparsers.add_parser(stage.name, help=stage.help, description=stage.help,
+                                    epilog=f"example:\n  {stage.example}",
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        resolve(stage.add_arguments)(sub)
+        sub.set_defaults(_run=resolve(stage.run))
     return parser
 
 

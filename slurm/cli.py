@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from robustmim.config_help import field_help
+from robustmim.stages import stage_named
 from slurm.config import ClusterKind, SlurmConfig
 
 # flag -> SlurmConfig key
@@ -15,9 +16,13 @@ FLAGS = {"nodes": int, "gpus_per_node": int, "tasks_per_node": int, "cpus_per_ta
 
 
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("stage", choices=["pretrain", "finetune", "tokenizer", "eval", "check"],
-                        help="pretrain, finetune, tokenizer: a training run; eval: an array job, one task per "
-                             "eval shard; check: a distributed all-reduce smoke test")
+    from robustmim.stages import Launch, submittable
+
+    kinds = {Launch.training: "a training run", Launch.array: "an array job, one task per chunk of the work",
+             Launch.check: "a distributed all-reduce smoke test"}
+    stages = [stage_named(name) for name in submittable()]
+    parser.add_argument("stage", choices=[s.name for s in stages],
+                        help="; ".join(f"{s.name}: {kinds[s.launch]}" for s in stages))
     parser.add_argument("--config", help="the stage's experiment YAML")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="the stage's dotted overrides")
     parser.add_argument("--slurm-config", help="YAML of SlurmConfig values; flags below override it")
@@ -30,7 +35,7 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", help="where a `check` job writes (training stages use their run_dir)")
     parser.add_argument("--array-tasks", type=int, help="eval: number of array tasks (default: one per eval shard)")
     parser.add_argument("--dry-run", action="store_true", help="print the batch script and plan; submit nothing")
-    from pipeline.cli import add_resume_argument
+    from robustmim.launcher import add_resume_argument
 
     add_resume_argument(parser)
 
@@ -38,11 +43,13 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
 def run_submit(args: argparse.Namespace) -> int:
     from robustmim.config import load_config
     from robustmim.errors import UserError
-    from pipeline.cli import TRAINING_STAGES, resolve, with_resume
+    from robustmim.launcher import with_resume
+    from robustmim.stages import Launch, resolve, training_stages
     from slurm.launch import estimate_memory, submit
 
-    if args.resume and args.stage not in TRAINING_STAGES:
-        raise UserError(f"--resume is for the training stages ({', '.join(TRAINING_STAGES)}), not {args.stage}")
+    training = training_stages()
+    if args.resume and args.stage not in training:
+        raise UserError(f"--resume is for the training stages ({', '.join(training)}), not {args.stage}")
     args.overrides = with_resume(args.overrides, args.resume)
 
     flags = [f"{name}={getattr(args, 'slurm_' + name)}" for name in FLAGS if getattr(args, "slurm_" + name) is not None]
@@ -50,10 +57,10 @@ def run_submit(args: argparse.Namespace) -> int:
         flags.append("exclusive=true")
     slurm_cfg = load_config(SlurmConfig, args.slurm_config, flags)
     describe = ""
-    if args.stage == "eval":
+    if stage_named(args.stage).launch is Launch.array:
         return submit_eval(args, slurm_cfg)
-    if args.stage in TRAINING_STAGES:
-        config_class = resolve(TRAINING_STAGES[args.stage][0])
+    if args.stage in training:
+        config_class = resolve(training[args.stage].config)
         cfg = load_config(config_class, args.config, args.overrides)
         try:
             accumulation = cfg.accumulation(slurm_cfg.tasks)
@@ -126,7 +133,7 @@ def run_status(args: argparse.Namespace) -> int:
     from robustmim.errors import UserError
     from pipeline.engine.metrics import read_metrics
     from pipeline.engine.run_state import read_run_state
-    from pipeline.cli import format_validation
+    from pipeline.engine.metrics import format_validation
     from slurm.job import ATTEMPTS_FILE
     from slurm.jobs import FINISHED, job_state, read_submissions
 

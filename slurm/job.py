@@ -25,10 +25,11 @@ from typing import Optional
 import submitit
 
 from robustmim.log import quiet_libraries, setup_logging
-from pipeline.cli import TRAINING_STAGES
+from robustmim.stages import Launch, resolve, stage_named, submittable
 from pipeline.dist import slurm_port
 
-STAGES = (*TRAINING_STAGES, "check")
+# what one (requeueing) job runs: training stages and the allocation check; array stages have their own task
+STAGES = tuple(name for name in submittable() if stage_named(name).launch in (Launch.training, Launch.check))
 
 
 def allreduce_check() -> dict:
@@ -91,13 +92,13 @@ class StageJob(submitit.helpers.Checkpointable):
         quiet_libraries()
         if attempt["rank"] == 0:  # one line per (re)start: requeues are visible in `robustmim status`
             self._log(attempt)
-        if self.stage == "check":
+        stage = stage_named(self.stage)
+        if stage.launch is Launch.check:
             return allreduce_check()
         from robustmim.config import load_config
-        from pipeline.cli import resolve
         from pipeline.engine.signals import TIME_LIMIT_WARNINGS
 
-        config_class, train = (resolve(ref) for ref in TRAINING_STAGES[self.stage])
+        config_class, train = resolve(stage.config), resolve(stage.train)
         result = train(load_config(config_class, self.config_path, self.overrides))
         if attempt["rank"] == 0 and result["stopped_by"] in TIME_LIMIT_WARNINGS and "SLURM_JOB_ID" in os.environ:
             self._requeue(attempt, result)

@@ -86,12 +86,11 @@ def test_every_setting_of_every_stage_has_its_help():
     from omegaconf import OmegaConf
 
     from robustmim.config_help import config_entries
-    from pipeline.cli import TRAINING_STAGES, resolve
-    from eval.config import EvalConfig
-    from eval.study import StudyConfig
-    from shards.config import ShardsConfig
+    from robustmim.stages import STAGES, resolve
 
-    for schema in [resolve(stage[0]) for stage in TRAINING_STAGES.values()] + [EvalConfig, StudyConfig, ShardsConfig]:
+    schemas = [resolve(stage.config) for stage in STAGES if stage.config]
+    assert len(schemas) == 6  # shards, pretrain, finetune, tokenizer, eval, study
+    for schema in schemas:
         tree = OmegaConf.structured(schema)
         bare = [key for key, _, _, help_text in config_entries(schema, tree, tree, "") if not help_text]
         assert not bare, (schema.__name__, bare)
@@ -100,13 +99,48 @@ def test_every_setting_of_every_stage_has_its_help():
 def test_every_stage_help_shows_an_example_and_every_submit_flag_has_help():
     import argparse
 
-    from robustmim.cli import STAGES, build_parser
+    from robustmim.cli import build_parser
+    from robustmim.stages import commands
 
     parser = build_parser()
     stages = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for name in STAGES:
-        assert f"example:\n  robustmim {name} " in stages.choices[name].format_help(), name
+    for stage in commands():
+        assert f"example:\n  robustmim {stage.name} " in stages.choices[stage.name].format_help(), stage.name
     submit = stages.choices["submit"]
     bare = [a.option_strings for a in submit._actions if a.option_strings and not a.help]
     assert not bare, bare
     assert "--cluster {auto,slurm,local}" in submit.format_help()
+
+
+def add_dummy_arguments(parser):
+    parser.add_argument("--greeting", default="hello")
+
+
+def run_dummy(args) -> int:
+    print(f"dummy says {args.greeting}")
+    return 0
+
+
+def test_a_new_stage_is_one_registry_entry(capsys):
+    """A stage added to the registry gets its command, its --help example, and a place among the
+    stages `submit` sends and the training stages the Slurm job runs, from that entry alone."""
+    import argparse
+    import dataclasses
+
+    from robustmim.cli import build_parser
+    from robustmim.stages import STAGES, Launch, Stage, stage_named, submittable, training_stages
+
+    dummy = Stage("dummy", "a stage made in a test", "robustmim dummy --greeting hi", Launch.training,
+                  "test_cli:add_dummy_arguments", "test_cli:run_dummy",
+                  config=stage_named("pretrain").config, train=stage_named("pretrain").train)
+    stages = (*STAGES, dummy)
+    parser = build_parser(stages)
+    args = parser.parse_args(["dummy", "--greeting", "hi"])
+    assert args._run(args) == 0 and capsys.readouterr().out == "dummy says hi\n"
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert "example:\n  robustmim dummy --greeting hi" in subcommands.choices["dummy"].format_help()
+    assert "dummy" in parser.format_help()
+    assert "dummy" in submittable(stages) and "dummy" in training_stages(stages)
+    assert "dummy" not in submittable() and stage_named("dummy", stages) == dummy
+    local = dataclasses.replace(dummy, launch=Launch.local)
+    assert "dummy" not in submittable((*STAGES, local)) and "dummy" not in training_stages((*STAGES, local))

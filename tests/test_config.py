@@ -68,9 +68,9 @@ def test_values_checked_by_the_dataclass(override, message):
 ])
 def test_sections_and_keys_that_must_agree_are_checked_in_the_config(stage, override, message):
     """Found when the config loads, not minutes later inside the model."""
-    from pipeline.cli import TRAINING_STAGES, resolve
+    from robustmim.stages import resolve, stage_named
 
-    schema = resolve(TRAINING_STAGES[stage][0])
+    schema = resolve(stage_named(stage).config)
     path = {"pretrain": "configs/pretrain/mae_tiny_fmnist.yaml",
             "finetune": "configs/finetune/standard_tiny_fmnist.yaml",
             "tokenizer": "configs/tokenizer/tiny_fmnist.yaml"}[stage]
@@ -80,9 +80,9 @@ def test_sections_and_keys_that_must_agree_are_checked_in_the_config(stage, over
 
 def test_bf16_weights_needs_zero_and_is_a_training_mode():
     from eval.config import EvalConfig
-    from pipeline.cli import TRAINING_STAGES, resolve
+    from robustmim.stages import resolve, stage_named
 
-    schema = resolve(TRAINING_STAGES["pretrain"][0])
+    schema = resolve(stage_named("pretrain").config)
     path = REPO_ROOT / "configs/pretrain/mae_tiny_fmnist.yaml"
     assert load_config(schema, path, ["run_dir=/x", "precision=bf16_weights", "zero_stage=1"]).zero_stage == 1
     with pytest.raises(ConfigError, match="precision=bf16_weights needs zero_stage >= 1"):
@@ -92,9 +92,9 @@ def test_bf16_weights_needs_zero_and_is_a_training_mode():
 
 
 def test_compile_is_on_for_gpus_unless_set_and_never_with_zero3():
-    from pipeline.cli import TRAINING_STAGES, resolve
+    from robustmim.stages import resolve, stage_named
 
-    schema = resolve(TRAINING_STAGES["pretrain"][0])
+    schema = resolve(stage_named("pretrain").config)
     path = REPO_ROOT / "configs/pretrain/mae_tiny_fmnist.yaml"
 
     def compiles(on_gpu, *overrides):
@@ -109,10 +109,10 @@ def test_compile_is_on_for_gpus_unless_set_and_never_with_zero3():
 
 
 def test_resume_choices_and_which_settings_make_a_checkpoint_another_run():
-    from pipeline.cli import TRAINING_STAGES, resolve
+    from robustmim.stages import resolve, stage_named
     from pipeline.engine.trainer import CONFIG_HASHES_VERSION, changed_sections, config_hashes
 
-    schema = resolve(TRAINING_STAGES["pretrain"][0])
+    schema = resolve(stage_named("pretrain").config)
     path = REPO_ROOT / "configs/pretrain/mae_tiny_fmnist.yaml"
 
     def hashes(*overrides):

@@ -19,7 +19,6 @@ from pipeline.models.config import ClassifierConfig
 from pipeline.models.deployed import DenoiseThenClassify, denoise
 from pipeline.models.mae import MaskedAutoencoder
 from pipeline.objectives.base import step_generator
-from pipeline.objectives.nim import reconstruct_image
 
 from test_models import tiny_config
 
@@ -200,11 +199,11 @@ def test_denoiser_statistics_correct_for_the_known_noise():
     perfect = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6).sqrt()
     sigma = 0.3
     noisy = clean + sigma * torch.randn(clean.shape)
-    naive = reconstruct_image(model, perfect, noisy, True)
-    corrected = reconstruct_image(model, perfect, noisy, True, noise_sigma=sigma)
+    naive = model.reconstruct_image(perfect, noisy, True)
+    corrected = model.reconstruct_image(perfect, noisy, True, noise_sigma=sigma)
     error = lambda x: (x - clean).pow(2).mean().sqrt().item()  # noqa: E731
     assert error(corrected) < 0.8 * error(naive) < 0.8 * error(noisy)
-    assert math.isclose(error(reconstruct_image(model, perfect, clean, True)), 0, abs_tol=1e-3)
+    assert math.isclose(error(model.reconstruct_image(perfect, clean, True)), 0, abs_tol=1e-3)
     assert torch.equal(denoise(model, noisy, sigma, True), denoise(model, noisy, torch.full((64,), sigma), True))
 
 

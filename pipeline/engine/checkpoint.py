@@ -72,9 +72,10 @@ def warn(text: str) -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, keep_last: int, rank: int, world_size: int):
+    def __init__(self, run_dir: str | Path, keep_last: int, rank: int, world_size: int, stage: str = "pretrain"):
         self.dir = Path(run_dir) / CHECKPOINTS_DIR
         self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
+        self.stage = stage  # recorded in every checkpoint's metadata: `robustmim export` dispatches on it
 
     # -- resuming ------------------------------------------------------------------------------
     def latest_tag(self) -> Optional[str]:
@@ -200,7 +201,7 @@ class Checkpointer:
         if self.rank == 0:
             files = {name: record for mine in records for name, record in mine.items()}
             atomic_write_json(self.dir / tag / METADATA, {"step": step, "samples_seen": samples_seen,
-                                                          "world_size": self.world_size,
+                                                          "world_size": self.world_size, "stage": self.stage,
                                                           "config_hash": config_hash, "files": files})
             atomic_write_text(self.dir / LATEST, tag)
             self._prune(keep=tag)

@@ -113,25 +113,36 @@ def save_safetensors(state: dict[str, torch.Tensor], out: Path, metadata: dict[s
     tmp.replace(out)
 
 
-def run_stage(run_dir: Path) -> str:
-    provenance = run_dir / "provenance.json"
-    return json.loads(provenance.read_text()).get("stage", "pretrain") if provenance.is_file() else "pretrain"
+def checkpoint_stage(checkpoints: Path, meta: dict) -> str:
+    """The stage that wrote a checkpoint: its own metadata says so. Checkpoints written before the
+    metadata held it (2026-11-30) are named by the run's provenance.json, recorded at its start."""
+    if "stage" in meta:
+        return meta["stage"]
+    provenance = checkpoints.parent / "provenance.json"
+    stage = json.loads(provenance.read_text()).get("stage") if provenance.is_file() else None
+    if stage is None:
+        raise UserError(f"{checkpoints}: neither the checkpoint's {METADATA} nor the run's provenance.json says "
+                        f"which stage wrote it")
+    return stage
 
 
 def export_checkpoint(path: str | Path, out: str | Path) -> dict:
+    """Consolidate a checkpoint (a run directory, its checkpoints/ or a step_* directory) into
+    `out` with the export of the stage that wrote it (robustmim/stages.py)."""
+    from robustmim.stages import resolve, stage_named
+
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out}: expected a .safetensors file name")
     checkpoints, tag, meta = resolve_checkpoint(path)
-    stage = run_stage(checkpoints.parent)
-    if stage == "finetune":
-        from pipeline.finetune.export import export_classifier
+    stage = stage_named(checkpoint_stage(checkpoints, meta))
+    if stage.export is None:
+        raise UserError(f"{checkpoints / tag}: the {stage.name} stage has no export")
+    return resolve(stage.export)(checkpoints, tag, meta, out)
 
-        return export_classifier(checkpoints, tag, meta, out)
-    if stage == "tokenizer":
-        from pipeline.tokenizer.export import export_tokenizer
 
-        return export_tokenizer(checkpoints, tag, meta, out)
+def export_autoencoder(checkpoints: Path, tag: str, meta: dict, out: Path) -> dict:
+    """A pretrained autoencoder: fp32 weights, and a .json with its model config beside them."""
     state = consolidated_state_dict(checkpoints, tag)
     run_config_path = checkpoints.parent / "config.yaml"
     run_config = yaml.safe_load(run_config_path.read_text()) if run_config_path.is_file() else {}

@@ -112,3 +112,12 @@ class MetricsLog:
         if self.enabled:
             self.progress.close()
             self.writer.close()
+
+
+def format_validation(record: dict) -> str:
+    """'top-1 0.4310 on 2000 images' (a classifier) or 'recon_mse 0.0071, perplexity 61.2, ...'."""
+    samples = f"on {record['val_samples']:.0f} images"
+    if "val_top1" in record:
+        return f"top-1 {record['val_top1']:.4f} {samples}"
+    values = [f"{k[4:]} {v:.4g}" for k, v in record.items() if k.startswith("val_") and k != "val_samples"]
+    return f"{', '.join(values)} {samples}"

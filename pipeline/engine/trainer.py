@@ -167,7 +167,7 @@ class Trainer:
         if refusal is not None:
             raise refusal
 
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last, env.rank, env.world_size)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last, env.rank, env.world_size, task.stage)
         resume = self.checkpointer.resume_point(cfg.checkpoint.resume)
         self.hashes = config_hashes(cfg)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank

@@ -19,12 +19,12 @@ from pipeline.engine.optim import layer_decay_groups
 from pipeline.engine.validation import validation_batches
 from pipeline.finetune.config import FinetuneConfig, RecipeName
 from pipeline.finetune.recipes import build_recipe
-from pipeline.flops import finetune_flops_per_image
+from pipeline.flops import FUSED_ATTENTION_BACKWARD, autoencoder_pass, classifier_pass, vqgan_flops
 from pipeline.models.classifier import ViTClassifier, load_pretrained_encoder
 from pipeline.models.config import ModelConfig
 from pipeline.models.deployed import DenoiseThenClassify
 from pipeline.models.mae import MaskedAutoencoder
-from pipeline.models.vqgan import VQGAN, check_input
+from pipeline.models.vqgan import VQGAN, VQGANConfig, check_input
 from pipeline.models.weights import load_weights
 from pipeline.objectives.base import step_generator
 from pipeline.tokenizer.export import load_tokenizer
@@ -65,6 +65,28 @@ def with_encoder_normalization(cfg: FinetuneConfig) -> tuple[FinetuneConfig, Opt
             f"{std} (the config had {cfg.model.pixel_mean}, {cfg.model.pixel_std})")
     model = dataclasses.replace(cfg.model, pixel_mean=list(mean), pixel_std=list(std))
     return dataclasses.replace(cfg, model=model), note
+
+
+
+def finetune_flops_per_image(cfg: FinetuneConfig, denoiser: ModelConfig | None = None,
+                             tokenizer: VQGANConfig | None = None,
+                             attention_backward: float = FUSED_ATTENTION_BACKWARD) -> float:
+    """FLOPs of one fine-tuning step per image: the classifier's training pass, times the noisy
+    copies (DMAE), plus the attack's input-gradient passes (MIMIR), the denoiser's forward (De³),
+    or DAT's second training pass, its attack step and two VQGAN round trips."""
+    classifier = classifier_pass(cfg.model, cfg.model.num_classes)
+    total = classifier.training(attention_backward)
+    recipe = cfg.recipe
+    if recipe.name is RecipeName.dmae:
+        total *= recipe.dmae.copies
+    elif recipe.name is RecipeName.mimir:
+        total += recipe.mimir.steps * classifier.input_gradient(attention_backward)
+    elif recipe.name is RecipeName.de3 and denoiser is not None:
+        total += autoencoder_pass(denoiser, 0.0).forward
+    elif recipe.name is RecipeName.dat and tokenizer is not None:
+        total = 2 * total + classifier.input_gradient(attention_backward)
+        total += 2 * vqgan_flops(tokenizer, cfg.model.img_size, train=False)
+    return total
 
 
 class FinetuneModule(nn.Module):

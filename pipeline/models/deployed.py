@@ -34,10 +34,8 @@ DEPLOYMENT_FORMAT = "robustmim-classifier/1"
 def denoise(denoiser: MaskedAutoencoder, noisy01: torch.Tensor, sigma: torch.Tensor | float,
             norm_pix: bool) -> torch.Tensor:
     """NIM's denoised image in [0, 1] space (not clamped) from a noisy image and its sigma."""
-    from pipeline.objectives.nim import reconstruct_image
-
     out = denoiser(denoiser.normalize(noisy01))  # every patch, no masking
-    return reconstruct_image(denoiser, out.pred, noisy01, norm_pix, noise_sigma=sigma)
+    return denoiser.reconstruct_image(out.pred, noisy01, norm_pix, noise_sigma=sigma)
 
 
 class DenoiseThenClassify(nn.Module):

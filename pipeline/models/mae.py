@@ -24,6 +24,13 @@ from pipeline.models.pos_embed import sincos_2d
 from pipeline.models.vit import ViTTrunk, layer_norm, transformer_blocks
 
 
+
+def patch_stats(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean and std (unbiased variance + 1e-6, as MAE's norm_pix_loss)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    std = (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+    return mean, std
+
 class MaskedOutput(NamedTuple):
     """A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 attaches its backward hooks (which
     re-gather a module's own parameters, e.g. mask_token) to tensors inside tuples and dicts."""
@@ -100,6 +107,26 @@ class MaskedAutoencoder(ViTTrunk):
         h = w = int(patches.shape[1] ** 0.5)
         x = patches.reshape(patches.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(patches.shape[0], c, h * p, w * p)
+
+    def reconstruct_image(self, pred: torch.Tensor, reference01: torch.Tensor, norm_pix: bool,
+                          noise_sigma: torch.Tensor | float | None = None) -> torch.Tensor:
+        """The prediction as a [0, 1]-space image: per-patch statistics restored from `reference01`,
+        patches reassembled, normalization undone. Not clamped.
+
+        NIM's code restores the clean target's statistics, also when it evaluates De³ (the clean
+        image leaks into the defense's output). A deployed denoiser only has its noisy input, so
+        pass `noise_sigma` (per image, [0, 1] units) with a noisy reference: the known noise
+        variance is subtracted from each patch's variance; the patch mean is unbiased as it is.
+        """
+        if norm_pix:
+            mean, std = patch_stats(self.patchify(self.normalize(reference01)))
+            if noise_sigma is not None:
+                sigma = torch.as_tensor(noise_sigma, device=pred.device, dtype=torch.float32).reshape(-1, 1, 1)
+                # noise variance per normalized pixel, averaged over channels (equal counts per patch)
+                noise_var = sigma**2 * (1 / self.pixel_std.float() ** 2).mean()
+                std = ((std**2 - noise_var).clamp_min(0) + 1e-6).sqrt()
+            pred = pred * std + mean
+        return self.denormalize(self.unpatchify(pred))
 
     # -- forward ---------------------------------------------------------------------------------
     def forward_encoder(self, images: torch.Tensor, mask_noise: Optional[torch.Tensor], mask_ratio: float):

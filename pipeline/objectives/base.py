@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pipeline.models.mae import MaskedAutoencoder
+from pipeline.models.mae import MaskedAutoencoder, patch_stats
 
 
 @dataclass
@@ -32,13 +32,6 @@ def mask_noise(images: torch.Tensor, model: MaskedAutoencoder, generator: torch.
 
 def gaussian_like(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
-
-
-def patch_stats(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-patch mean and std (unbiased variance + 1e-6, as MAE's norm_pix_loss)."""
-    mean = patches.mean(dim=-1, keepdim=True)
-    std = (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt()
-    return mean, std
 
 
 def pixel_target(model: MaskedAutoencoder, images01: torch.Tensor, norm_pix: bool) -> torch.Tensor:

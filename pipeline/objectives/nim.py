@@ -10,8 +10,7 @@ import math
 import torch
 
 from pipeline.models.mae import MaskedAutoencoder
-from pipeline.objectives.base import (ObjectiveOutput, gaussian_like, mask_noise, patch_losses, patch_stats,
-                                      pixel_target)
+from pipeline.objectives.base import (ObjectiveOutput, gaussian_like, mask_noise, patch_losses, pixel_target)
 from pipeline.objectives.config import NIMConfig, SigmaDistribution
 
 
@@ -63,26 +62,6 @@ class NIM:
         out = model(model.normalize(noisy), noise, self.cfg.mask_ratio)
         target = pixel_target(model, images01, self.norm_pix_loss)
         loss = patch_losses(out.pred, target).mean()
-        denoised = reconstruct_image(model, out.pred.detach(), images01, self.norm_pix_loss) if with_denoised else None
+        denoised = model.reconstruct_image(out.pred.detach(), images01, self.norm_pix_loss) if with_denoised else None
         return ObjectiveOutput(loss, {"loss": loss.detach(), "sigma_mean": sigma.mean()}, denoised)
 
-
-def reconstruct_image(model: MaskedAutoencoder, pred: torch.Tensor, reference01: torch.Tensor,
-                      norm_pix: bool, noise_sigma: torch.Tensor | float | None = None) -> torch.Tensor:
-    """The prediction as a [0, 1]-space image: per-patch statistics restored from `reference01`,
-    patches reassembled, normalization undone. Not clamped.
-
-    NIM's code restores the clean target's statistics, also when it evaluates De³ (the clean
-    image leaks into the defense's output). A deployed denoiser only has its noisy input, so
-    pass `noise_sigma` (per image, [0, 1] units) with a noisy reference: the known noise
-    variance is subtracted from each patch's variance; the patch mean is unbiased as it is.
-    """
-    if norm_pix:
-        mean, std = patch_stats(model.patchify(model.normalize(reference01)))
-        if noise_sigma is not None:
-            sigma = torch.as_tensor(noise_sigma, device=pred.device, dtype=torch.float32).reshape(-1, 1, 1)
-            # noise variance per normalized pixel, averaged over channels (equal counts per patch)
-            noise_var = sigma**2 * (1 / model.pixel_std.float() ** 2).mean()
-            std = ((std**2 - noise_var).clamp_min(0) + 1e-6).sqrt()
-        pred = pred * std + mean
-    return model.denormalize(model.unpatchify(pred))

@@ -1,0 +1,71 @@
+"""How a stage's ranks start on this machine (`--nproc-per-node`) and the options every
+training launch shares (`--resume`), for the training commands, `eval` and `submit` alike."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+RESUME_HELP = ("latest (default): continue from run_dir's newest checkpoint; none: start at step 0 (refused when "
+               "run_dir holds checkpoints); or a step_* directory of any run to start from (checkpoint.resume)")
+
+
+def add_resume_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", metavar="latest|none|PATH", help=RESUME_HELP)
+
+
+def with_resume(overrides: list[str], resume: str | None) -> list[str]:
+    """The overrides with `--resume` as the `checkpoint.resume` key (after them: the flag wins)."""
+    return [*overrides, f"checkpoint.resume={resume}"] if resume else list(overrides)
+
+
+# Exit status of a training run stopped by a signal (preemption, time-limit warning, Ctrl-C
+# through SIGTERM) after writing its checkpoint: EX_TEMPFAIL, "try again later". Re-running the
+# same command resumes. Scripts and Slurm epilogs tell it from 0 (finished) and 1/2 (failed).
+EXIT_STOPPED = 75
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# Set for the ranks `launch_local_ranks` starts: they exit 0 when stopped and this process, which
+# reads run_state.json, returns EXIT_STOPPED (torchrun would report their 75 as a crash).
+SUPERVISED_ENV = "ROBUSTMIM_SUPERVISED_BY"
+
+
+def launch_local_ranks(stage: str, nproc_per_node: int, config: str | None, overrides: list[str]) -> int | None:
+    """Run `nproc_per_node` ranks of `robustmim <stage>` under torchrun as a child and return its
+    exit status; None when nothing needs starting (one rank, or already under a launcher).
+
+    Stop signals sent to this process go straight to the ranks (torchrun would give them 30 s
+    before killing them, less than a large checkpoint may need), so `kill <pid>` stops a local
+    run as Slurm's SIGTERM does."""
+    import subprocess
+
+    import psutil
+
+    from pipeline.dist import detect_env, free_port
+
+    if nproc_per_node <= 1 or detect_env().launcher != "single":
+        return None
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc_per_node),
+               "--master_port", str(free_port()), "-m", "robustmim.cli", stage,
+               *(["--config", config] if config else []), *overrides]
+    # torchrun sets OMP_NUM_THREADS=1 for its ranks when unset, with a banner saying so: the
+    # same value, set here, without the banner.
+    child = subprocess.Popen(command, env={"OMP_NUM_THREADS": "1", **os.environ, SUPERVISED_ENV: str(os.getpid())})
+
+    def forward(signum, frame) -> None:
+        for worker in psutil.Process(child.pid).children(recursive=True):
+            try:
+                worker.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    try:
+        return child.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the whole process group: let the ranks finish exiting
+        child.wait()
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
