@@ -29,7 +29,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from robustmim.config import load_config
     from robustmim.config_help import describe_config
     from robustmim.errors import UserError
-    from robustmim.launcher import launch_local_ranks
+    from robustmim.launcher import explain_failed_ranks, launch_local_ranks
     from eval.config import EvalConfig
 
     from eval.runner import finalize, run_eval
@@ -48,6 +48,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
         raise UserError("--rank and --world-size go together, with 0 <= rank < world size")
     status = launch_local_ranks("eval", args.nproc_per_node, args.config, overrides)
     if status is not None:
+        if status != 0:
+            explain_failed_ranks("eval", cfg.shards, cfg.split)
         return status
     result = run_eval(cfg, args.rank, args.world_size)
     if result["summary"]:

@@ -8,7 +8,8 @@ import sys
 import time
 
 from robustmim.config_help import add_config_arguments
-from robustmim.launcher import EXIT_STOPPED, SUPERVISED_ENV, add_resume_argument, launch_local_ranks, with_resume
+from robustmim.launcher import (EXIT_STOPPED, SUPERVISED_ENV, add_resume_argument, explain_failed_ranks,
+                                launch_local_ranks, with_resume)
 from robustmim.stages import resolve, stage_named
 
 
@@ -48,6 +49,8 @@ def run_training(args: argparse.Namespace) -> int:
             print(f"{stage}: stopped by {state['stopped_by']} at step {state['step']}/{state['total_steps']} "
                   f"(exit status {EXIT_STOPPED}); re-run the same command to resume", file=sys.stderr, flush=True)
             return EXIT_STOPPED
+        if status != 0:
+            explain_failed_ranks(stage, cfg.data.shards, cfg.data.split)
         return status
     result = train(cfg)
     if detect_env().rank == 0:

@@ -69,3 +69,22 @@ def launch_local_ranks(stage: str, nproc_per_node: int, config: str | None, over
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def explain_failed_ranks(stage: str, shards: str, split: str) -> None:
+    """After ranks ended with an error or a signal: check the split's shards against their
+    manifest and, when damaged, say which shards and samples. A damaged image can crash DALI's
+    decoder outright (SIGSEGV in DALI 2.4, before the loader can name the shard), so the ranks'
+    own message may be missing; this is where the user learns the cause."""
+    from robustmim.errors import UserError
+    from pipeline.data.shardset import describe_damage, open_shards
+
+    print(f"robustmim {stage}: a rank failed; checking the sha256 of {shards} (split {split}) against its manifest",
+          file=sys.stderr, flush=True)
+    try:
+        damage = describe_damage(open_shards(shards, split))
+    except (UserError, OSError) as e:  # the shards are unreadable or gone: say that instead
+        damage = str(e)
+    if damage:
+        print(f"robustmim {stage}: error: damaged shards: {damage}. Rebuild the damaged shard; "
+              f"data.verify_hashes=true finds such damage before training starts", file=sys.stderr, flush=True)
