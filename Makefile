@@ -100,7 +100,7 @@ study: demo
 	$(RUN) study --config configs/study/tiny_fmnist.yaml runs=$(DEMO_DIR) out=docs/results.md "produced_by=make study"
 
 test: install fashion-mnist
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 # The inner loop: every test but the slow, multi-rank and Slurm ones (markers in pyproject.toml).
 test-fast: install fashion-mnist

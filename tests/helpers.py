@@ -1,5 +1,6 @@
 """Helpers shared by the test modules: launching real training runs and reading their curves."""
 
+import os
 import subprocess
 import sys
 import time
@@ -27,6 +28,13 @@ def launch(shards, run_dir, nproc=2, **extra) -> subprocess.Popen:
     overrides = [f"{k}={v}" for k, v in settings(shards, run_dir, **extra).items()]
     return subprocess.Popen([ROBUSTMIM, "pretrain", "--nproc-per-node", str(nproc), *overrides], cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def run_stage(stage, config, overrides, nproc=1, env=None) -> subprocess.Popen:
+    args = [ROBUSTMIM, stage, *(["--config", config] if config else []), "--nproc-per-node", str(nproc),
+            *[f"{k}={v}" for k, v in overrides.items()]]
+    return subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, **(env or {})})
 
 
 def finish(proc, timeout=300) -> str:

@@ -4,7 +4,6 @@ stage loads, and resumes exactly after a SIGKILL (2 gloo ranks under torchrun)."
 import json
 import os
 import signal
-import subprocess
 
 import pytest
 import torch
@@ -17,17 +16,9 @@ from pipeline.engine.export import export_checkpoint
 from pipeline.engine.metrics import read_metrics
 from pipeline.models.deployed import DefenseKind, DenoiseThenClassify, load_deployed
 
-from conftest import REPO_ROOT
-from helpers import ROBUSTMIM, finish, last_step, wait_for
+from helpers import finish, last_step, run_stage, wait_for
 
 TINY = {"data.num_threads": 1, "data.shuffle_buffer": 512, "log_every": 10, "checkpoint.every_steps": 1000}
-
-
-def run_stage(stage, config, overrides, nproc=1) -> subprocess.Popen:
-    args = [ROBUSTMIM, stage, *(["--config", config] if config else []), "--nproc-per-node", str(nproc),
-            *[f"{k}={v}" for k, v in overrides.items()]]
-    return subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
 
 
 @pytest.fixture(scope="module")
