@@ -1,4 +1,6 @@
-"""Helpers shared by the test modules: launching real training runs and reading their curves."""
+"""Helpers shared by the test modules: launching real training runs, reading their curves, and the
+tiny configs and inputs several modules build on. Test modules import from here (or conftest), never
+from each other."""
 
 import os
 import subprocess
@@ -58,3 +60,51 @@ def last_step(run_dir) -> int:
 
 def curve(run_dir) -> list[tuple]:
     return [(r["step"], r["samples"], r["loss"], r["lr"]) for r in read_metrics(run_dir)]
+
+
+# Tiny configs and inputs shared by several test modules.
+
+def tiny_model_config(**values):
+    """The masked autoencoder at Fashion-MNIST scale (vit_tiny_patch4 + the tiny decoder)."""
+    from robustmim.config import load_config
+    from pipeline.models.config import ModelConfig
+
+    base = dict(encoder="vit_tiny_patch4", decoder="tiny", img_size=28, in_chans=1,
+                pixel_mean="[0.286]", pixel_std="[0.353]")
+    return load_config(ModelConfig, None, [f"{k}={v}" for k, v in {**base, **values}.items()])
+
+
+def tiny_classifier_config(**values):
+    """The ViT classifier at Fashion-MNIST scale, 10 classes."""
+    from robustmim.config import load_config
+    from pipeline.models.config import ClassifierConfig
+
+    base = dict(encoder="vit_tiny_patch4", img_size=28, in_chans=1, pixel_mean="[0.286]", pixel_std="[0.353]",
+                num_classes=10)
+    return load_config(ClassifierConfig, None, [f"{k}={v}" for k, v in {**base, **values}.items()])
+
+
+TOKENIZER_CONFIG = "configs/tokenizer/tiny_fmnist.yaml"
+
+
+def tiny_tokenizer_config(**overrides):
+    """The demo's tokenizer config (configs/tokenizer/tiny_fmnist.yaml) with overrides."""
+    from robustmim.config import load_config
+    from pipeline.tokenizer.config import TokenizerConfig
+
+    return load_config(TokenizerConfig, TOKENIZER_CONFIG,
+                       [f"{k}={v}" for k, v in {"run_dir": "x", **overrides}.items()])
+
+
+def val_images(shards, every_nth: int):
+    """Every `every_nth` validation image of the shards, unaugmented, as one [N, 1, 28, 28] tensor."""
+    import dataclasses
+
+    import torch
+
+    from pipeline.data.dali import DaliLoader
+
+    cfg = tiny_tokenizer_config(**{"data.shards": shards})
+    data = dataclasses.replace(cfg.data, split="val", augment=False, batch_size=500)
+    batches = [b.images for b in DaliLoader(data, 0, 1, 0, train=False)]
+    return torch.cat(batches)[::every_nth]

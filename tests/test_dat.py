@@ -12,7 +12,8 @@ from pipeline.models.classifier import ViTClassifier
 from pipeline.models.vqgan import reconstruct
 from pipeline.tokenizer.export import load_tokenizer
 
-from test_tokenizer import val_images
+from helpers import val_images
+
 
 
 @pytest.fixture(scope="module")

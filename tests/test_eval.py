@@ -32,8 +32,7 @@ from eval.model import EvalModel
 from eval.records import merge_records, rank_file
 
 from conftest import REPO_ROOT
-from helpers import ROBUSTMIM, finish, wait_for
-from test_finetune_parts import classifier_config
+from helpers import ROBUSTMIM, finish, tiny_classifier_config, wait_for
 
 TRAIN_STEPS = 150
 
@@ -56,7 +55,7 @@ def trained(tmp_path_factory, fashion_shards):
     data = load_config(LoaderConfig, None, [f"shards={fashion_shards}", "image_size=28", "channels=1", "batch_size=64",
                                             "num_threads=1", "shuffle_buffer=1024", "crop_scale=[1.0,1.0]"])
     loader = DaliLoader(data, 0, 1, 0, train=True)
-    model = ViTClassifier(classifier_config(drop_path=0.0))
+    model = ViTClassifier(tiny_classifier_config(drop_path=0.0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(TRAIN_STEPS):
         batch = next(loader)
@@ -80,12 +79,12 @@ def val_batch(shards, count=128):
 
 
 def plain_spec():
-    return DeploymentSpec(method="standard", weights="-", classifier=classifier_config(), defense=DefenseKind.none)
+    return DeploymentSpec(method="standard", weights="-", classifier=tiny_classifier_config(), defense=DefenseKind.none)
 
 
 def smoothing_spec(sigma: float = 0.25):
-    return DeploymentSpec(method="dmae", weights="-", classifier=classifier_config(), defense=DefenseKind.smoothing,
-                          sigma=sigma)
+    return DeploymentSpec(method="dmae", weights="-", classifier=tiny_classifier_config(),
+                          defense=DefenseKind.smoothing, sigma=sigma)
 
 
 # Fashion-MNIST's usual budgets (L-inf 0.1, L2 1.0): at 8/255 this small model kept 0.30 of its
@@ -385,7 +384,7 @@ class Constant(nn.Module):
 
 def test_a_constant_classifier_is_unaffected_by_pgd_and_apgd():
     images, labels = torch.rand(8, 1, 28, 28), torch.full((8,), 1)
-    spec = DeploymentSpec(method="standard", weights="-", classifier=classifier_config(num_classes=3))
+    spec = DeploymentSpec(method="standard", weights="-", classifier=tiny_classifier_config(num_classes=3))
     result, = pgd_attack(EvalModel(Constant(), spec), images, labels, list(range(8)),
                          load_config(PGDConfig, None, ["steps=5"]), 0, seed=0)
     assert result["correct"].all()

@@ -15,18 +15,12 @@ from pipeline.finetune.mixing import BatchMixer, random_erase, smooth_one_hot, s
 from pipeline.finetune.recipes import build_recipe
 from pipeline.finetune.task import FinetuneModule
 from pipeline.models.classifier import ViTClassifier, load_pretrained_encoder
-from pipeline.models.config import ClassifierConfig
 from pipeline.models.deployed import DenoiseThenClassify, denoise
 from pipeline.models.mae import MaskedAutoencoder
 from pipeline.objectives.base import step_generator
 
-from test_models import tiny_config
+from helpers import tiny_classifier_config, tiny_model_config
 
-
-def classifier_config(**values) -> ClassifierConfig:
-    base = dict(encoder="vit_tiny_patch4", img_size=28, in_chans=1, pixel_mean="[0.286]", pixel_std="[0.353]",
-                num_classes=10)
-    return load_config(ClassifierConfig, None, [f"{k}={v}" for k, v in {**base, **values}.items()])
 
 
 def generator(seed=0):
@@ -37,7 +31,7 @@ def official_mae_checkpoint(tmp_path, **model_values):
     """An MAE pretraining checkpoint as the official releases store it: {"model": state_dict}
     with facebookresearch/mae's key names (test_models checks our autoencoder has exactly those)."""
     torch.manual_seed(1)
-    state = MaskedAutoencoder(tiny_config(**model_values)).state_dict()
+    state = MaskedAutoencoder(tiny_model_config(**model_values)).state_dict()
     path = tmp_path / "mae_pretrain_vit_tiny.pth"
     torch.save({"model": state, "epoch": 799}, path)
     return path, state
@@ -45,7 +39,7 @@ def official_mae_checkpoint(tmp_path, **model_values):
 
 def test_official_mae_state_dict_initializes_every_encoder_key(tmp_path):
     path, state = official_mae_checkpoint(tmp_path)
-    model = ViTClassifier(classifier_config())
+    model = ViTClassifier(tiny_classifier_config())
     report = load_pretrained_encoder(model, path)
     # as MAE's main_finetune asserts: only the new head and fc_norm are missing
     assert set(report.missing) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
@@ -54,13 +48,13 @@ def test_official_mae_state_dict_initializes_every_encoder_key(tmp_path):
     own = model.state_dict()
     for key in ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.3.mlp.fc2.weight"):
         assert torch.equal(own[key], state[key]), key
-    cls_model = ViTClassifier(classifier_config(global_pool=False))
+    cls_model = ViTClassifier(tiny_classifier_config(global_pool=False))
     assert set(load_pretrained_encoder(cls_model, path).missing) == {"head.weight", "head.bias"}
 
 
 def test_position_embedding_is_resized_for_another_resolution(tmp_path):
     path, state = official_mae_checkpoint(tmp_path)  # 28 px: a 7x7 grid
-    model = ViTClassifier(classifier_config(img_size=32))  # 8x8
+    model = ViTClassifier(tiny_classifier_config(img_size=32))  # 8x8
     load_pretrained_encoder(model, path)
     assert model.pos_embed.shape == (1, 65, 192)
     assert torch.equal(model.pos_embed[0, 0], state["pos_embed"][0, 0])  # the CLS slot is kept
@@ -71,11 +65,11 @@ def test_a_checkpoint_lacking_encoder_keys_is_refused(tmp_path):
     del state["blocks.2.attn.qkv.weight"]
     torch.save({"model": state}, path)
     with pytest.raises(UserError, match="blocks.2.attn.qkv.weight"):
-        load_pretrained_encoder(ViTClassifier(classifier_config()), path)
+        load_pretrained_encoder(ViTClassifier(tiny_classifier_config()), path)
 
 
 def test_layer_decay_gives_each_block_its_lr():
-    model = ViTClassifier(classifier_config())
+    model = ViTClassifier(tiny_classifier_config())
     optim = load_config(FinetuneOptimConfig, None, ["layer_decay=0.75", "base_lr=1e-3", "min_lr=0"])
     depth, decay = 4, 0.75
     groups = layer_decay_groups(model, optim.weight_decay, optim.layer_decay, depth)
@@ -139,7 +133,7 @@ def test_random_erasing_boxes():
 def recipe_module(name, *overrides, denoiser=None):
     cfg = load_config(RecipeConfig, None, [f"name={name}", *overrides])
     torch.manual_seed(0)
-    model = ViTClassifier(classifier_config(drop_path=0.0))
+    model = ViTClassifier(tiny_classifier_config(drop_path=0.0))
     torch.nn.init.normal_(model.head.weight)  # not the near-zero init: predictions must differ
     return FinetuneModule(model, build_recipe(cfg, 10), denoiser), cfg
 
@@ -178,7 +172,7 @@ def test_adversarial_training_attacks_within_epsilon_and_raises_the_loss():
 
 def test_de3_module_passes_gradients_to_its_input_through_the_denoiser():
     torch.manual_seed(0)
-    denoiser, classifier = MaskedAutoencoder(tiny_config()), ViTClassifier(classifier_config(drop_path=0.0))
+    denoiser, classifier = MaskedAutoencoder(tiny_model_config()), ViTClassifier(tiny_classifier_config(drop_path=0.0))
     deployed = DenoiseThenClassify(denoiser, classifier, sigma=0.1, norm_pix=True).eval()
     images = torch.rand(4, 1, 28, 28, requires_grad=True)
     deployed(images, generator(0)).logsumexp(-1).sum().backward()
@@ -193,7 +187,7 @@ def test_denoiser_statistics_correct_for_the_known_noise():
     contrast; subtracting the known noise variance brings it closer to the clean image
     (measured RMS error at sigma 0.3: 0.188 naive, 0.133 corrected, 0.298 for the noisy input)."""
     torch.manual_seed(0)
-    model = MaskedAutoencoder(tiny_config())
+    model = MaskedAutoencoder(tiny_model_config())
     clean = torch.rand(64, 1, 28, 28) * 0.6 + 0.2
     patches = model.patchify(model.normalize(clean))
     perfect = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6).sqrt()

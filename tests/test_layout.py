@@ -1,6 +1,7 @@
 """The package layout: no import circle between the project's modules (imports inside functions
 included: a circle there is one `import` away from a failing start-up), and models that import
-no objective (data flows objective -> model, never back)."""
+no objective (data flows objective -> model, never back); test modules that share helpers, not
+each other."""
 
 import ast
 from pathlib import Path
@@ -98,4 +99,12 @@ def test_the_cycle_finder_finds_a_planted_circle():
 def test_models_import_no_objective():
     offenders = {name: sorted(n for n in deps if n.startswith("pipeline.objectives"))
                  for name, deps in import_graph().items() if name.startswith("pipeline.models")}
+    assert {name: deps for name, deps in offenders.items() if deps} == {}
+
+
+def test_test_modules_share_helpers_not_each_other():
+    """Shared test code lives in tests/helpers.py or conftest.py: a test module imported by another
+    would run its own tests' module-level code twice and hide where the helper lives."""
+    test_modules = {path.stem: path for path in (REPO_ROOT / "tests").glob("test_*.py")}
+    offenders = {name: sorted(imported(path, test_modules)) for name, path in test_modules.items()}
     assert {name: deps for name, deps in offenders.items() if deps} == {}

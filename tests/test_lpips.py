@@ -14,7 +14,8 @@ from pipeline.models.lpips import LPIPS, load_lpips
 from pipeline.models.weights import read_state_dict
 from pipeline.tokenizer.task import TokenizerModule, TokenizerTask
 
-from test_tokenizer import tiny_config
+from helpers import tiny_tokenizer_config
+
 
 
 def published_lpips_shapes() -> dict[str, tuple[int, ...]]:
@@ -97,16 +98,17 @@ def test_bad_lpips_weights_are_named(tmp_path, lpips_weights):
     with pytest.raises(UserError, match="pickle.pth: not loadable as plain weights"):
         load_lpips([vgg, tmp_path / "pickle.pth"])
     with pytest.raises(ConfigError, match="loss.perceptual_weight > 0 needs loss.perceptual_weights"):
-        tiny_config(**{"loss.perceptual_weight": 1.0})
+        tiny_tokenizer_config(**{"loss.perceptual_weight": 1.0})
     with pytest.raises(ConfigError, match=r"needs data.image_size >= 16 \(got 12\)"):
-        tiny_config(**{"loss.perceptual_weight": 1.0, "loss.perceptual_weights": f"[{heads}]", "data.image_size": 12})
+        tiny_tokenizer_config(**{"loss.perceptual_weight": 1.0, "loss.perceptual_weights": f"[{heads}]",
+                                 "data.image_size": 12})
     with pytest.raises(ConfigError, match="adaptive_adversarial_weight scales the GAN term"):
-        tiny_config(**{"loss.adaptive_adversarial_weight": True})
+        tiny_tokenizer_config(**{"loss.adaptive_adversarial_weight": True})
 
 
 def perceptual_module(lpips_weights, **loss) -> TokenizerModule:
     weights = f"[{','.join(map(str, lpips_weights))}]"
-    cfg = tiny_config(**{"loss.perceptual_weight": 1.0, "loss.perceptual_weights": weights,
+    cfg = tiny_tokenizer_config(**{"loss.perceptual_weight": 1.0, "loss.perceptual_weights": weights,
                          **{f"loss.{k}": v for k, v in loss.items()}})
     torch.manual_seed(0)
     return TokenizerTask(cfg).build(cfg)
@@ -127,7 +129,7 @@ def test_the_perceptual_term_trains_the_vqgan_and_leaves_lpips_frozen(lpips_weig
     loss.backward()
     assert module.model.decoder.conv_out.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in module.perceptual.parameters())
-    plain = tiny_config()
+    plain = tiny_tokenizer_config()
     task = TokenizerTask(plain)
     assert task.flops_per_image(dataclasses.replace(plain, loss=module.loss_cfg)) == pytest.approx(
         task.flops_per_image(plain) + lpips_flops(1, 28))
@@ -148,4 +150,5 @@ def test_the_adaptive_gan_weight_balances_the_two_gradients_at_the_last_layer(lp
     loss.backward()  # the factor's own gradients were taken without touching .grad
     assert all(p.grad is not None for p in module.model.parameters() if p.requires_grad)
     with pytest.raises(ConfigError, match="adaptive_adversarial_weight needs zero_stage <= 2"):
-        tiny_config(**{"loss.adversarial_weight": 0.5, "loss.adaptive_adversarial_weight": True, "zero_stage": 3})
+        tiny_tokenizer_config(**{"loss.adversarial_weight": 0.5, "loss.adaptive_adversarial_weight": True,
+                                 "zero_stage": 3})

@@ -12,11 +12,7 @@ from pipeline.models.config import ModelConfig
 from pipeline.models.mae import MaskedAutoencoder, random_masking
 from pipeline.models.weights import load_weights
 
-
-def tiny_config(**values) -> ModelConfig:
-    base = dict(encoder="vit_tiny_patch4", decoder="tiny", img_size=28, in_chans=1,
-                pixel_mean="[0.286]", pixel_std="[0.353]")
-    return load_config(ModelConfig, None, [f"{k}={v}" for k, v in {**base, **values}.items()])
+from helpers import tiny_model_config
 
 
 @pytest.mark.parametrize("ratio", [0.75, 0.5, 0.9, 0.33])
@@ -37,7 +33,7 @@ def test_masking_keeps_int_l_times_one_minus_r_and_restore_inverts(ratio):
 
 
 def test_forward_shapes_and_no_masking_path():
-    model = MaskedAutoencoder(tiny_config())
+    model = MaskedAutoencoder(tiny_model_config())
     images = torch.randn(3, 1, 28, 28)
     masked = model(images, torch.rand(3, 49), 0.75)
     assert masked.pred.shape == (3, 49, 16) and masked.latent.shape == (3, 1 + 12, 192)
@@ -89,7 +85,7 @@ def test_state_dict_has_the_mae_layout_and_shapes():
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_saved_state_dict_loads_back(tmp_path, suffix):
-    source, target = MaskedAutoencoder(tiny_config()), MaskedAutoencoder(tiny_config())
+    source, target = MaskedAutoencoder(tiny_model_config()), MaskedAutoencoder(tiny_model_config())
     path = tmp_path / f"weights{suffix}"
     if suffix == ".pth":
         torch.save({"model": source.state_dict()}, path)  # the official releases' nesting
@@ -102,16 +98,16 @@ def test_saved_state_dict_loads_back(tmp_path, suffix):
 
 
 def test_load_reports_missing_unexpected_and_mismatched_keys(tmp_path):
-    state = MaskedAutoencoder(tiny_config()).state_dict()
+    state = MaskedAutoencoder(tiny_model_config()).state_dict()
     del state["decoder_pred.bias"]
     state["head.weight"] = torch.zeros(10, 192)
     state["mask_token"] = torch.zeros(1, 1, 64)
     torch.save(state, tmp_path / "w.pth")
-    report = load_weights(MaskedAutoencoder(tiny_config()), tmp_path / "w.pth")
+    report = load_weights(MaskedAutoencoder(tiny_model_config()), tmp_path / "w.pth")
     assert report.missing == ["decoder_pred.bias"] and report.unexpected == ["head.weight"]
     assert report.mismatched == ["mask_token: (1, 1, 64) vs (1, 1, 128)"]
     with pytest.raises(UserError, match=r"1 missing: decoder_pred.bias; 1 unexpected: head.weight"):
-        load_weights(MaskedAutoencoder(tiny_config()), tmp_path / "w.pth", strict=True)
+        load_weights(MaskedAutoencoder(tiny_model_config()), tmp_path / "w.pth", strict=True)
 
 
 class _Payload:
@@ -123,11 +119,11 @@ def test_arbitrary_pickle_is_refused(tmp_path):
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"model": _Payload()}, f)
     with pytest.raises(UserError, match="weights_only=True refuses"):
-        load_weights(MaskedAutoencoder(tiny_config()), tmp_path / "evil.pth")
+        load_weights(MaskedAutoencoder(tiny_model_config()), tmp_path / "evil.pth")
 
 
 def test_mask_stays_float32_under_bf16_autocast():
-    model = MaskedAutoencoder(tiny_config())
+    model = MaskedAutoencoder(tiny_model_config())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(2, 1, 28, 28), torch.rand(2, 49), 0.75)
     assert out.pred.dtype == torch.bfloat16 and out.mask.dtype == torch.float32
@@ -136,8 +132,8 @@ def test_mask_stays_float32_under_bf16_autocast():
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     torch.manual_seed(0)
-    plain = MaskedAutoencoder(tiny_config())
-    checkpointed = MaskedAutoencoder(tiny_config())
+    plain = MaskedAutoencoder(tiny_model_config())
+    checkpointed = MaskedAutoencoder(tiny_model_config())
     checkpointed.load_state_dict(plain.state_dict())
     checkpointed.set_grad_checkpointing(True)
     images, noise = torch.randn(4, 1, 28, 28), torch.rand(4, 49)
@@ -169,8 +165,8 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(checkpointing):
     from pipeline.objectives import ObjectiveConfig, build_objective, step_generator
 
     torch.manual_seed(0)
-    eager = MaskedAutoencoder(tiny_config())
-    compiled = MaskedAutoencoder(tiny_config())
+    eager = MaskedAutoencoder(tiny_model_config())
+    compiled = MaskedAutoencoder(tiny_model_config())
     compiled.load_state_dict(eager.state_dict())
     assert compile_blocks(compiled) == 4 + 2  # encoder and decoder blocks
     for model in (eager, compiled):

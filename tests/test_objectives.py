@@ -15,7 +15,8 @@ from pipeline.objectives.hsic import nhsic
 from pipeline.objectives.mimir import MIMIR
 from pipeline.objectives.nim import NIM
 
-from test_models import tiny_config
+from helpers import tiny_model_config
+
 
 
 def objective(name, *overrides):
@@ -25,7 +26,7 @@ def objective(name, *overrides):
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return MaskedAutoencoder(tiny_config())
+    return MaskedAutoencoder(tiny_model_config())
 
 
 @pytest.fixture
@@ -212,7 +213,7 @@ def test_same_generator_seed_same_loss(model, images):
 @pytest.mark.parametrize("name", ["mae", "nim", "dmae", "mimir"])
 def test_tiny_model_loss_falls_over_50_cpu_steps_on_fashion_mnist(fashion_val_shards, name):
     torch.manual_seed(0)
-    model = MaskedAutoencoder(tiny_config())
+    model = MaskedAutoencoder(tiny_model_config())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
     loader = DaliLoader(load_config(LoaderConfig, None, [
         f"shards={fashion_val_shards}", "split=val", "batch_size=64", "image_size=28", "channels=1",

@@ -16,7 +16,7 @@ from slurm.jobs import read_submissions, wait_finished
 from slurm.launch import submit, submit_array
 
 from conftest import REPO_ROOT
-from helpers import curve, finish, launch, settings
+from helpers import curve, finish, launch, settings, tiny_classifier_config
 
 pytestmark = pytest.mark.slurm  # every test here submits to the real Slurm cluster the session starts
 
@@ -228,10 +228,9 @@ def test_eval_array_job_one_task_per_shard_merges_to_the_single_process_result(s
 
     from pipeline.models.classifier import ViTClassifier
     from pipeline.models.deployed import DeploymentSpec
-    from test_finetune_parts import classifier_config
 
     torch.manual_seed(0)
-    model = ViTClassifier(classifier_config())
+    model = ViTClassifier(tiny_classifier_config())
     save_file(model.state_dict(), str(tmp_path / "m.safetensors"))
     spec = DeploymentSpec(method="standard", weights="m.safetensors", classifier=model.cfg)
     (tmp_path / "m.json").write_text(json.dumps(OmegaConf.to_container(OmegaConf.structured(spec), enum_to_str=True)))

@@ -9,33 +9,16 @@ import signal
 import pytest
 import torch
 
-from robustmim.config import load_config
 from robustmim.errors import UserError
-from pipeline.data.dali import DaliLoader
 from pipeline.data.shardset import open_shards
 from pipeline.engine.checkpoint import LATEST
 from pipeline.engine.metrics import read_metrics
 from pipeline.models.vqgan import VQGAN, reconstruct
-from pipeline.tokenizer.config import TokenizerConfig
 from pipeline.tokenizer.export import load_tokenizer
 from pipeline.tokenizer.task import TokenizerModule, TokenizerTask
 
 from conftest import TOKENIZER_STEPS
-from helpers import finish, run_stage, wait_for
-
-CONFIG = "configs/tokenizer/tiny_fmnist.yaml"
-
-
-def tiny_config(**overrides) -> TokenizerConfig:
-    return load_config(TokenizerConfig, CONFIG, [f"{k}={v}" for k, v in {"run_dir": "x", **overrides}.items()])
-
-
-def val_images(shards, every_nth: int) -> torch.Tensor:
-    cfg = tiny_config(**{"data.shards": shards})
-    data = dataclasses.replace(cfg.data, split="val", augment=False, batch_size=500)
-    batches = [b.images for b in DaliLoader(data, 0, 1, 0, train=False)]
-    return torch.cat(batches)[::every_nth]
-
+from helpers import TOKENIZER_CONFIG, finish, run_stage, tiny_tokenizer_config, val_images, wait_for
 
 def recon_mse(model: VQGAN, images: torch.Tensor) -> float:
     with torch.no_grad():
@@ -80,15 +63,15 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run(tmp_path, fashion_sha
                 "loss.perceptual_weights": f"[{','.join(map(str, lpips_weights))}]"}
     reference = tmp_path / "reference"
     one_thread = {"OMP_NUM_THREADS": "1"}
-    finish(run_stage("tokenizer", CONFIG, {**settings, "run_dir": reference}, env=one_thread))
+    finish(run_stage("tokenizer", TOKENIZER_CONFIG, {**settings, "run_dir": reference}, env=one_thread))
     run_dir = tmp_path / "run"
-    proc = run_stage("tokenizer", CONFIG, {**settings, "run_dir": run_dir}, env=one_thread)
+    proc = run_stage("tokenizer", TOKENIZER_CONFIG, {**settings, "run_dir": run_dir}, env=one_thread)
     wait_for(lambda: (run_dir / "checkpoints" / LATEST).is_file() and len(read_metrics(run_dir)) >= 5, proc,
              what="step 5")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (run_dir / "checkpoints" / LATEST).read_text() == "step_00000004"
-    finish(run_stage("tokenizer", CONFIG, {**settings, "run_dir": run_dir}, env=one_thread))
+    finish(run_stage("tokenizer", TOKENIZER_CONFIG, {**settings, "run_dir": run_dir}, env=one_thread))
 
     def curve(run):
         return [(r["step"], r["loss"], r["lr"]) for r in read_metrics(run)]
@@ -103,7 +86,7 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run(tmp_path, fashion_sha
 
 
 def test_the_gan_terms_train_each_network_only_on_its_own_loss():
-    cfg = tiny_config(**{"loss.adversarial_weight": 0.1})
+    cfg = tiny_tokenizer_config(**{"loss.adversarial_weight": 0.1})
     images = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     grads = {}
     for weight in (0.1, 10.0):
@@ -122,11 +105,11 @@ def test_the_gan_terms_train_each_network_only_on_its_own_loss():
 def test_bad_tokenizer_inputs_are_named(tmp_path, fashion_shards):
     shards = open_shards(fashion_shards, "train")
     with pytest.raises(UserError, match="differs from data.image_size=32"):
-        TokenizerTask(tiny_config(**{"data.image_size": 32})).resolve(shards)
+        TokenizerTask(tiny_tokenizer_config(**{"data.image_size": 32})).resolve(shards)
     with pytest.raises(UserError, match="the tokenizer takes 1-channel images, the data has 3"):
-        TokenizerTask(tiny_config(**{"data.channels": 3})).resolve(shards)
+        TokenizerTask(tiny_tokenizer_config(**{"data.channels": 3})).resolve(shards)
     with pytest.raises(UserError, match="not a multiple of the tokenizer's downsampling factor 4"):
-        TokenizerTask(tiny_config(**{"data.image_size": 30, "model.resolution": 30})).resolve(shards)
+        TokenizerTask(tiny_tokenizer_config(**{"data.image_size": 30, "model.resolution": 30})).resolve(shards)
     with pytest.raises(UserError, match="missing; give a `robustmim export` of a tokenizer run"):
         load_tokenizer(tmp_path / "vqgan.ckpt")
     with pytest.raises(UserError, match="tokenizer preset 'f32' unknown"):
