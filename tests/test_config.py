@@ -153,6 +153,57 @@ def test_shipped_configs_load():
         assert cfg.objective.name.value == path.name.split("_")[0]
 
 
+def _leaves(tree, prefix=""):
+    """(dotted key, value) of every scalar or list a YAML mapping sets."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _restated_defaults(schema, tree: dict) -> list[str]:
+    from omegaconf import OmegaConf
+
+    defaults = OmegaConf.structured(schema)
+    same = []
+    for key, value in _leaves(tree):
+        default = OmegaConf.select(defaults, key, throw_on_missing=False)
+        if OmegaConf.is_config(default):
+            default = OmegaConf.to_container(default, enum_to_str=True)
+        default = getattr(default, "value", default)  # enums compare by their YAML spelling
+        if default == value and type(default) is not bool or default is value:
+            same.append(key)
+    return same
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs").rglob("*.yaml")),
+                         ids=lambda p: str(p.relative_to(REPO_ROOT / "configs")))
+def test_every_shipped_config_loads_and_states_only_what_differs(path):
+    """configs/<stage>/*.yaml: loads with its stage's config (the folder names the stage), sets
+    no key to its default (`--print-config` shows those), and its header comment says how to run
+    it and how long it takes."""
+    from robustmim.stages import resolve, stage_named
+
+    schema = resolve(stage_named(path.parent.name).config)
+    load_config(schema, path, ["out=/x"] if path.parent.name == "shards" else [])
+    assert _restated_defaults(schema, yaml.safe_load(path.read_text())) == []
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert any(f"robustmim {path.parent.name}" in line or "robustmim submit" in line for line in header), header
+    assert any(line.startswith("# Wall time: ") for line in header), header
+
+
+def test_a_restated_default_is_found():
+    from pipeline.engine.config import PretrainConfig
+
+    tree = {"zero_stage": 2, "micro_batch": 32, "data": {"split": "train", "shards": "x"}, "objective": {"name": "mae"}}
+    assert _restated_defaults(PretrainConfig, tree) == ["zero_stage", "data.split", "objective.name"]
+
+
 def test_shipped_finetune_configs_load_with_their_recipe():
     from pipeline.finetune.config import FinetuneConfig
 
