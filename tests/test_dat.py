@@ -1,5 +1,7 @@
 """DAT's step: the L2 perturbation around the VQGAN reconstruction, re-quantized into other codes."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -13,7 +15,6 @@ from pipeline.models.vqgan import reconstruct
 from pipeline.tokenizer.export import load_tokenizer
 
 from helpers import val_images
-
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +61,15 @@ def test_the_training_loss_is_clean_plus_discrete_adversarial_cross_entropy(dat_
     loss.backward()
     assert module.model.head.weight.grad is not None
     assert all(p.grad is None for p in module.tokenizer.parameters())  # frozen
+
+
+def test_the_bf16_tokenizer_option_discretizes_as_fp32_does_within_bf16_rounding(dat_parts):
+    cfg, module, images = dat_parts
+    fp32 = module.recipe.discretize(module, images)
+    dat = dataclasses.replace(cfg.recipe.dat, tokenizer_bf16=True)
+    bf16 = build_recipe(dataclasses.replace(cfg.recipe, dat=dat), 10).discretize(module, images)
+    assert bf16.dtype == images.dtype == torch.float32 and not torch.equal(bf16, fp32)  # it ran in bf16
+    assert (bf16 - fp32).abs().mean() < 0.01, (bf16 - fp32).abs().mean()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the engine's autocast (GPUs): left on when the option is off
+        inside = module.recipe.discretize(module, images)
+    assert not torch.equal(inside, fp32)

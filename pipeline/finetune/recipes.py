@@ -8,6 +8,8 @@ transform (before anything else); DMAE adds its noise before mixup; NIM adds its
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
@@ -116,14 +118,19 @@ class DiscreteAdversarial(Recipe):
         grad, = torch.autograd.grad(soft_cross_entropy(module.model(adv), targets), adv)
         return project_l2(adv.detach() + cfg.step_size * normalized_l2(grad), quantized, cfg.epsilon)
 
+    def discretize(self, module, images01: torch.Tensor) -> torch.Tensor:
+        """VQ(x) through the frozen tokenizer, in the images' dtype (bf16 inside when asked; an
+        autocast(enabled=False) here would switch off the engine's own autocast on GPUs)."""
+        bf16 = self.cfg.dat.tokenizer_bf16
+        with torch.no_grad(), torch.autocast(images01.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+            return reconstruct(module.tokenizer, images01).to(images01.dtype)
+
     def __call__(self, module, images01, labels, generator):
         inputs, targets = self.mixer(self.erase(module, images01, generator), labels, generator)
         clean = soft_cross_entropy(module.model(inputs), targets)
-        with torch.no_grad():
-            quantized = reconstruct(module.tokenizer, inputs)
+        quantized = self.discretize(module, inputs)
         perturbed = self.perturb(module, quantized, targets, generator)
-        with torch.no_grad():
-            discrete = reconstruct(module.tokenizer, perturbed)
+        discrete = self.discretize(module, perturbed)
         adversarial = soft_cross_entropy(module.model(discrete), targets)
         loss = clean + self.cfg.dat.adversarial_weight * adversarial
         return loss, {"loss": loss.detach(), "clean": clean.detach(), "adversarial": adversarial.detach()}
