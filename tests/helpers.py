@@ -108,3 +108,35 @@ def val_images(shards, every_nth: int):
     data = dataclasses.replace(cfg.data, split="val", augment=False, batch_size=500)
     batches = [b.images for b in DaliLoader(data, 0, 1, 0, train=False)]
     return torch.cat(batches)[::every_nth]
+
+
+def wandb_offline_runs(run_dir) -> dict[str, list[list[dict]]]:
+    """What W&B's offline mode wrote under <run_dir>/wandb/: run id -> one list of history rows
+    ({key: value}) per attempt, oldest first. The .wandb file is W&B's record log (a LevelDB-style
+    log of 32 KiB blocks, each record a header of checksum, length and type, then a piece of a
+    protobuf `Record`); the records are decoded with W&B's own protobuf classes."""
+    import json as json_module
+
+    from wandb.proto import wandb_internal_pb2
+
+    runs: dict[str, list[list[dict]]] = {}
+    for attempt in sorted(Path(run_dir, "wandb").glob("offline-run-*")):
+        (log_file,) = attempt.glob("run-*.wandb")
+        data, pos, pending, rows = log_file.read_bytes(), 7, b"", []
+        assert data[:4] == b":W&B", log_file
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+            pending += data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):  # a full record, or the last piece of one
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pending)
+                pending = b""
+                if record.WhichOneof("record_type") == "history":
+                    rows.append({item.key or "/".join(item.nested_key): json_module.loads(item.value_json)
+                                 for item in record.history.item})
+        runs.setdefault(attempt.name.rsplit("-", 1)[1], []).append(rows)
+    return runs

@@ -1,7 +1,7 @@
 """Sharded DeepSpeed checkpoints that only become visible when complete.
 
 Layout: <run_dir>/checkpoints/step_NNNNNNNN/ (DeepSpeed's shards, plus `robustmim.json`: step,
-samples seen, world size, config hash) and `latest`, naming the newest complete tag. Every
+samples seen, world size, stage, config hash, the run's id) and `latest`, naming the newest complete tag. Every
 rank writes its shards; after a barrier rank 0 writes robustmim.json, then replaces `latest`
 atomically, then prunes all but the last `keep_last` tags. A crash at any point leaves
 `latest` naming a complete checkpoint.
@@ -61,6 +61,7 @@ class ResumePoint:
     world_size: int
     elastic: bool  # saved on another number of ranks: load the universal conversion
     source: Optional[Path] = None  # the checkpoints directory holding `tag` (None: this run's)
+    run_id: Optional[str] = None  # the id of the run that saved it (None: saved before ids were kept)
 
     @property
     def load_tag(self) -> str:
@@ -122,7 +123,7 @@ class Checkpointer:
         except DamagedCheckpoint as e:
             raise UserError(f"checkpoint.resume={choice} is damaged: {e}") from None
         return ResumePoint(chosen.name, meta["step"], meta["samples_seen"], meta["world_size"],
-                           meta["world_size"] != self.world_size, source=chosen.parent)
+                           meta["world_size"] != self.world_size, source=chosen.parent, run_id=meta.get("run_id"))
 
     def _choose(self) -> Optional[ResumePoint]:
         chosen = select_checkpoint(self.dir, self.latest_tag(), warn)
@@ -139,7 +140,7 @@ class Checkpointer:
         if self.latest_tag() != tag:
             atomic_write_text(self.dir / LATEST, tag)
         return ResumePoint(tag, meta["step"], meta["samples_seen"], meta["world_size"],
-                           meta["world_size"] != self.world_size)
+                           meta["world_size"] != self.world_size, run_id=meta.get("run_id"))
 
     def _ensure_universal(self, point: ResumePoint) -> None:
         target = self.dir / point.load_tag
@@ -185,7 +186,8 @@ class Checkpointer:
         return client_state
 
     # -- saving --------------------------------------------------------------------------------
-    def save(self, engine, step: int, samples_seen: int, config_hash: str, client_state: dict) -> str:
+    def save(self, engine, step: int, samples_seen: int, config_hash: str, client_state: dict,
+             run_id: Optional[str] = None) -> str:
         tag = tag_for(step)
         try:
             engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
@@ -202,7 +204,8 @@ class Checkpointer:
             files = {name: record for mine in records for name, record in mine.items()}
             atomic_write_json(self.dir / tag / METADATA, {"step": step, "samples_seen": samples_seen,
                                                           "world_size": self.world_size, "stage": self.stage,
-                                                          "config_hash": config_hash, "files": files})
+                                                          "config_hash": config_hash, "run_id": run_id,
+                                                          "files": files})
             atomic_write_text(self.dir / LATEST, tag)
             self._prune(keep=tag)
         dist.barrier()

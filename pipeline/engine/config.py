@@ -90,6 +90,25 @@ class ValidationConfig:
             raise ValueError("validation.every_steps must be >= 0, batch_size and every_nth positive")
 
 
+class WandbMode(enum.Enum):
+    online = "online"
+    offline = "offline"
+
+
+@dataclass
+class LoggingConfig:
+    """Where rank 0's metrics go besides <run_dir>/metrics.jsonl and <run_dir>/tensorboard/."""
+
+    # Also to Weights & Biases (`pip install wandb`): one W&B run per run_dir, its id kept in every
+    # checkpoint, so a requeued or re-run job continues the same W&B run.
+    wandb: bool = False
+    wandb_project: str = "robustmim"
+    wandb_entity: str = ""  # the W&B team or user; empty: the logged-in account's default
+    # online needs `wandb login` or WANDB_API_KEY; offline writes <run_dir>/wandb/ for a later
+    # `wandb sync` (compute nodes without network). A WANDB_MODE environment variable wins.
+    wandb_mode: WandbMode = WandbMode.online
+
+
 @dataclass
 class EngineConfig:
     """What the training engine needs from any stage's config."""
@@ -115,6 +134,7 @@ class EngineConfig:
     # parameter hooks inside each block would break the graphs (true is refused there).
     compile: Optional[bool] = None
     log_every: int = 20  # steps between logs, metric reads and signal checks
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Per device, the MFU denominator: the H100/H200 dense bf16 spec, as every bench uses.
     peak_tflops: float = PEAK_TFLOPS_DENSE_BF16
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

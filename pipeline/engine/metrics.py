@@ -1,9 +1,12 @@
-"""Logging on rank 0: a progress line, TensorBoard scalars and a JSONL metrics file.
+"""Logging on rank 0: a progress line, a JSONL metrics file and scalar sinks (TensorBoard, and
+Weights & Biases with `logging.wandb=true`) behind one interface.
 
 Values are read from the device only at log intervals. On resume the JSONL file is cut back to
 the resumed step, so it always holds one run's curve without the killed run's tail; the rows
 cut (a killed run's tail, or a whole log when no checkpoint was left to resume from) are
-appended to metrics.superseded.jsonl, never dropped.
+appended to metrics.superseded.jsonl, never dropped. TensorBoard purges its events after the
+resumed step; W&B keeps what it received (charts plot against the training step, so a tail
+logged again after a resume overlaps the first one).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_text
 from robustmim.log import get_logger
 
@@ -59,8 +63,68 @@ class Progress:
         self.bar.close()
 
 
+class TensorBoardSink:
+    """<run_dir>/tensorboard/, events after `start_step` purged (a resumed run's curve continues
+    the checkpoint's, not the killed attempt's tail)."""
+
+    def __init__(self, run_dir: Path, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+
+    def add(self, scalars: dict[str, float], step: int) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """A Weights & Biases run whose id is the robustmim run's (kept in every checkpoint): a
+    requeued or re-run job continues it. Every chart's x-axis is the training step (W&B's own
+    step counts calls, which a resume would repeat)."""
+
+    def __init__(self, cfg, run_dir: Path, run_id: str, stage: str, config: dict):
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("logging.wandb=true needs the wandb package: pip install wandb") from None
+        mode = os.environ.get("WANDB_MODE") or cfg.wandb_mode.value
+        try:
+            self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None, id=run_id,
+                                  resume="allow", dir=str(run_dir), mode=mode, name=run_dir.name, job_type=stage,
+                                  config=config, settings=wandb.Settings(console="off", quiet=True))
+        except Exception as e:  # noqa: BLE001 - W&B's errors (no login, no network) name no key of ours
+            raise UserError(f"W&B could not start run {run_id} (mode {mode}): {e}; log in (`wandb login` or "
+                            f"WANDB_API_KEY) or set logging.wandb_mode=offline") from None
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+        where = self.run.url if mode == "online" else f"{run_dir / 'wandb'} (upload with `wandb sync`)"
+        log.info(f"W&B run {run_id} of project {cfg.wandb_project}: {where}")
+
+    def add(self, scalars: dict[str, float], step: int) -> None:
+        self.run.log({**scalars, "step": step})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def scalar_sinks(cfg, run_dir: Path, start_step: int, stage: str, run_id: str) -> list:
+    """The sinks `cfg.logging` asks for, on the main rank: TensorBoard always, W&B optionally."""
+    from omegaconf import OmegaConf
+
+    sinks: list = [TensorBoardSink(run_dir, start_step)]
+    if cfg.logging.wandb:
+        config = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+        sinks.append(WandbSink(cfg.logging, run_dir, run_id, stage, config))
+    return sinks
+
+
 class MetricsLog:
-    def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, total_steps: int, stage: str):
+    def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, total_steps: int, stage: str,
+                 sinks=None):
+        """`sinks`: a callable returning the scalar sinks (built on the main rank only)."""
         self.enabled, self.stage = enabled, stage
         self.path = Path(run_dir) / METRICS_FILE
         self.start_step, self.total_steps = start_step, total_steps
@@ -80,9 +144,7 @@ class MetricsLog:
             else:
                 log.warning(note)
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+        self.sinks = sinks() if sinks else [TensorBoardSink(Path(run_dir), start_step)]
         self.progress = Progress(total_steps, start_step, "step", "step")
 
     def log(self, record: dict) -> None:
@@ -90,9 +152,10 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.writer.add_scalar(f"{self.stage}/{key}", value, record["step"])
+        scalars = {f"{self.stage}/{key}": value for key, value in record.items()
+                   if key != "step" and isinstance(value, (int, float))}
+        for sink in self.sinks:
+            sink.add(scalars, record["step"])
         if "loss" not in record:  # a validation record
             values = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step")
             self.progress.write(f"step {record['step']}/{self.total_steps} {values}")
@@ -111,7 +174,8 @@ class MetricsLog:
     def close(self) -> None:
         if self.enabled:
             self.progress.close()
-            self.writer.close()
+            for sink in self.sinks:
+                sink.close()
 
 
 def format_validation(record: dict) -> str:

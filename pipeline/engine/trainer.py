@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ from pipeline.data.shardset import open_shards
 from pipeline.dist import broadcast_object, detect_env, init_distributed, shutdown_distributed
 from pipeline.engine.checkpoint import Checkpointer, ResumePoint
 from pipeline.engine.config import EngineConfig, Precision, uses_bf16
-from pipeline.engine.metrics import MetricsLog
+from pipeline.engine.metrics import MetricsLog, scalar_sinks
 from pipeline.engine.optim import build_optimizer
 from pipeline.engine.run_state import write_run_state
 from pipeline.engine.signals import StopRequest
@@ -169,6 +170,11 @@ class Trainer:
 
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last, env.rank, env.world_size, task.stage)
         resume = self.checkpointer.resume_point(cfg.checkpoint.resume)
+        # One id per run, kept in every checkpoint: a requeued or re-run job carries it on (its W&B
+        # run continues); a branch from another run's checkpoint is a run of its own.
+        fresh_id = broadcast_object(uuid.uuid4().hex[:12] if env.is_main else None)
+        continues = resume is not None and resume.source is None and resume.run_id
+        self.run_id = resume.run_id if continues else fresh_id
         self.hashes = config_hashes(cfg)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         module = task.build(cfg).to(self.device)
@@ -227,7 +233,7 @@ class Trainer:
 
     def save(self) -> str:
         return self.checkpointer.save(self.engine, self.step, self.samples_seen, self.hashes["model"],
-                                      self._client_state())
+                                      self._client_state(), self.run_id)
 
     def _validation_due(self) -> bool:
         every = self.task.validate_every
@@ -245,7 +251,8 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, env = self.cfg, self.env
-        log = MetricsLog(self.run_dir, env.is_main, self.step, self.total_steps, self.task.stage)
+        log = MetricsLog(self.run_dir, env.is_main, self.step, self.total_steps, self.task.stage,
+                         lambda: scalar_sinks(cfg, self.run_dir, self.step, self.task.stage, self.run_id))
         stop = StopRequest()
         saved_at, stopped_by = self.step if self.step else None, None
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
