@@ -102,7 +102,7 @@ class LoggingConfig:
     # Also to Weights & Biases (`pip install wandb`): one W&B run per run_dir, its id kept in every
     # checkpoint, so a requeued or re-run job continues the same W&B run.
     wandb: bool = False
-    wandb_project: str = "robustmim"
+    wandb_project: str = "robustmim"  # the W&B project the run goes to
     wandb_entity: str = ""  # the W&B team or user; empty: the logged-in account's default
     # online needs `wandb login` or WANDB_API_KEY; offline writes <run_dir>/wandb/ for a later
     # `wandb sync` (compute nodes without network). A WANDB_MODE environment variable wins.
