@@ -45,18 +45,18 @@ RUN := $(BIN)/robustmim
 # classifier exports -> robustness evaluation (2 ranks: clean, PGD with EOT, CERTIFY for DMAE)
 # -> one table and plots. Re-running resumes each stage.
 demo: install fashion-mnist
-	$(RUN) shards build --config configs/shards/fashion_mnist.yaml out=$(DEMO_DIR)/shards
+	$(RUN) shards build --config configs/shards/fashion_mnist.yaml out_dir=$(DEMO_DIR)/shards
 	set -e; for m in $(METHODS); do \
 	  $(RUN) pretrain --config configs/pretrain/$${m}_tiny_fmnist.yaml --nproc-per-node 2 \
-	    run_dir=$(DEMO_DIR)/pretrain_$$m data.shards=$(DEMO_DIR)/shards; \
+	    out_dir=$(DEMO_DIR)/pretrain_$$m data.shards=$(DEMO_DIR)/shards; \
 	  $(RUN) export $(DEMO_DIR)/pretrain_$$m --out $(DEMO_DIR)/$${m}_tiny.safetensors; \
 	done
 	$(RUN) tokenizer --config configs/tokenizer/tiny_fmnist.yaml --nproc-per-node 2 \
-	  run_dir=$(DEMO_DIR)/tokenizer data.shards=$(DEMO_DIR)/shards
+	  out_dir=$(DEMO_DIR)/tokenizer data.shards=$(DEMO_DIR)/shards
 	$(RUN) export $(DEMO_DIR)/tokenizer --out $(DEMO_DIR)/tokenizer.safetensors
 	set -e; for pair in $(RECIPES); do r=$${pair%%:*}; m=$${pair##*:}; \
 	  $(RUN) finetune --config configs/finetune/$${r}_tiny_fmnist.yaml --nproc-per-node 2 \
-	    run_dir=$(DEMO_DIR)/finetune_$$r data.shards=$(DEMO_DIR)/shards init=$(DEMO_DIR)/$${m}_tiny.safetensors \
+	    out_dir=$(DEMO_DIR)/finetune_$$r data.shards=$(DEMO_DIR)/shards init=$(DEMO_DIR)/$${m}_tiny.safetensors \
 	    recipe.de3.denoiser=$(DEMO_DIR)/nim_tiny.safetensors recipe.dat.tokenizer=$(DEMO_DIR)/tokenizer.safetensors; \
 	  $(RUN) export $(DEMO_DIR)/finetune_$$r --out $(DEMO_DIR)/classifiers/$${r}_tiny.safetensors; \
 	done
@@ -87,7 +87,7 @@ STUDY_DIR := $(DEMO_DIR)/study
 study: demo
 	set -e; for r in dmae mimir; do \
 	  $(RUN) finetune --config configs/finetune/$${r}_tiny_fmnist.yaml --nproc-per-node 2 \
-	    run_dir=$(STUDY_DIR)/finetune_$${r}_from_mae data.shards=$(DEMO_DIR)/shards init=$(DEMO_DIR)/mae_tiny.safetensors; \
+	    out_dir=$(STUDY_DIR)/finetune_$${r}_from_mae data.shards=$(DEMO_DIR)/shards init=$(DEMO_DIR)/mae_tiny.safetensors; \
 	  $(RUN) export $(STUDY_DIR)/finetune_$${r}_from_mae --out $(STUDY_DIR)/classifiers/$${r}_from_mae_tiny.safetensors; \
 	done
 	$(RUN) eval --config configs/eval/tiny_fmnist.yaml --nproc-per-node 2 fresh=true certify.enabled=true \

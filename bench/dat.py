@@ -47,9 +47,9 @@ def main() -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     tiny = args.encoder.startswith("vit_tiny")
     size, channels = (28, 1) if tiny else (224, 3)
-    tokenizer_cfg = (load_config(TokenizerConfig, TINY_TOKENIZER, ["run_dir=x"]).model if args.tokenizer == "tiny"
+    tokenizer_cfg = (load_config(TokenizerConfig, TINY_TOKENIZER, ["out_dir=x"]).model if args.tokenizer == "tiny"
                      else PRESETS[args.tokenizer])
-    base = ["run_dir=x", "data.shards=x", f"data.image_size={size}", f"data.channels={channels}", "init=",
+    base = ["out_dir=x", "data.shards=x", f"data.image_size={size}", f"data.channels={channels}", "init=",
             f"model.encoder={args.encoder}", f"model.img_size={size}",
             f"model.in_chans={channels}", f"model.pixel_mean={[0.5] * channels}",
             f"model.pixel_std={[0.5] * channels}", "model.num_classes=1000", "recipe.dat.tokenizer=x"]

@@ -70,7 +70,7 @@ def worker(args) -> None:
             optimizer.zero_grad(set_to_none=True)
     else:
         cfg = load_config(PretrainConfig, None, [
-            "run_dir=unused", "data.shards=unused", f"zero_stage={args.mode[-1]}", f"micro_batch={args.batch}",
+            "out_dir=unused", "data.shards=unused", f"zero_stage={args.mode[-1]}", f"micro_batch={args.batch}",
             f"global_batch={args.batch * args.accumulation * env.world_size}"])
         config = deepspeed_config(cfg, args.accumulation, bf16=on_gpu, universal=False)
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,

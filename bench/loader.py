@@ -67,12 +67,12 @@ def main() -> None:
         scratch = Path(tmp)
         make_image_tree(scratch / "tree", classes=10, train_per_class=args.jpegs // 10, val_per_class=0,
                         min_size=224, max_size=500, seed=0)
-        build(["source=imagenet", f"input={scratch / 'tree'}", f"out={scratch / 'jpeg'}", "splits=[train]",
+        build(["source=imagenet", f"input={scratch / 'tree'}", f"out_dir={scratch / 'jpeg'}", "splits=[train]",
                "shard_max_samples=250"])
 
         cases = [("JPEG 224-500px -> 224", scratch / "jpeg", 224, 3)]
         if args.fashion_mnist:
-            build([f"input={FASHION_MNIST_DIR}", f"out={scratch / 'fmnist'}", "splits=[train]",
+            build([f"input={FASHION_MNIST_DIR}", f"out_dir={scratch / 'fmnist'}", "splits=[train]",
                    "shard_max_samples=5000"])
             cases.append(("fashion-mnist 28px PNG -> 28", scratch / "fmnist", 28, 1))
         rows = []

@@ -55,7 +55,7 @@ def main() -> None:
                         ["source=imagenet", f"input={tree.root}", "splits=[train]", "shard_max_samples=200"])):
         for workers in (1, 2):
             out = scratch / f"out-{len(rows)}"
-            images, seconds, gb = timed_build([*base, f"out={out}", f"workers={workers}"])
+            images, seconds, gb = timed_build([*base, f"out_dir={out}", f"workers={workers}"])
             rows.append((name, workers, images, seconds, images / seconds, gb * 1e3 / seconds))
             shutil.rmtree(out)
 

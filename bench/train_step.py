@@ -63,7 +63,7 @@ def synthetic_shards(root: Path, size: int, channels: int) -> Path:
     tree = make_image_tree(root / "tree", classes=2, train_per_class=8, val_per_class=0, min_size=size,
                            max_size=size, seed=0)
     out = root / "shards"
-    build_shards(load_config(ShardsConfig, None, ["source=imagenet", f"input={tree.root}", f"out={out}",
+    build_shards(load_config(ShardsConfig, None, ["source=imagenet", f"input={tree.root}", f"out_dir={out}",
                                                   "splits=[train]", "workers=1"]))
     return out
 
@@ -84,8 +84,8 @@ def child(args) -> None:
     decoder, micro = ("tiny", args.micro or 32) if tiny else (VIT_L[args.objective][0], args.micro or
                                                                 VIT_L[args.objective][1])
     steps = args.intervals * args.log_every
-    run_dir = Path(args.workdir) / f"run_{args.objective}"
-    overrides = [f"run_dir={run_dir}", f"data.shards={args.shards}", "data.split=train", f"data.image_size={size}",
+    out_dir = Path(args.workdir) / f"run_{args.objective}"
+    overrides = [f"out_dir={out_dir}", f"data.shards={args.shards}", "data.split=train", f"data.image_size={size}",
                  f"data.channels={channels}", f"model.encoder={args.encoder}", f"model.decoder={decoder}",
                  f"model.img_size={size}", f"model.in_chans={channels}", f"model.pixel_mean={[0.5] * channels}",
                  f"model.pixel_std={[0.5] * channels}", f"objective.name={args.objective}",
@@ -103,7 +103,7 @@ def child(args) -> None:
         trainer.lock.release()
     finally:
         shutdown_distributed()
-    rows = [r for r in read_metrics(run_dir) if "images_per_s" in r][1:]  # the first interval compiles/warms up
+    rows = [r for r in read_metrics(out_dir) if "images_per_s" in r][1:]  # the first interval compiles/warms up
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan")
     print("RESULT " + json.dumps({"objective": args.objective, "micro": micro, "accumulation": args.accumulation,
                                   "precision": args.precision, "compiled": cfg.compiles(on_gpu),

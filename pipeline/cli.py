@@ -43,7 +43,7 @@ def run_training(args: argparse.Namespace) -> int:
     launched = time.time()
     status = launch_local_ranks(stage, args.nproc_per_node, args.config, args.overrides)
     if status is not None:  # the ranks ran in torchrun's children and said what they had to
-        state = read_run_state(cfg.run_dir)
+        state = read_run_state(cfg.out_dir)
         stopped = state.get("state") == "stopped" and state.get("time", 0) >= launched
         if stopped and status in (0, EXIT_STOPPED):
             print(f"{stage}: stopped by {state['stopped_by']} at step {state['step']}/{state['total_steps']} "
@@ -55,7 +55,7 @@ def run_training(args: argparse.Namespace) -> int:
     result = train(cfg)
     if detect_env().rank == 0:
         print(f"{stage}: step {result['step']}/{result['total_steps']}, {result['samples_seen']} samples, "
-              f"checkpoint {cfg.run_dir}/checkpoints/{result['checkpoint']}", flush=True)
+              f"checkpoint {cfg.out_dir}/checkpoints/{result['checkpoint']}", flush=True)
         if result["validation"]:
             print(f"{stage}: validation at step {result['validation']['step']}: "
                   f"{format_validation(result['validation'])}", flush=True)

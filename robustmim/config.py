@@ -84,6 +84,38 @@ def _read_overrides(overrides: Sequence[str]) -> DictConfig:
     return OmegaConf.create(tree)
 
 
+def _renames(schema: type) -> dict[str, str]:
+    """Top-level keys a schema renamed (`renamed_keys = {"old": "new"}` on its class): older run
+    directories' config.yaml and older commands still read, under the new name."""
+    return getattr(schema, "renamed_keys", {})
+
+
+def _rename_in_tree(schema: type, tree: DictConfig, source: str) -> DictConfig:
+    for old, new in _renames(schema).items():
+        if old in tree:
+            if new in tree:
+                raise ConfigError(f"{source}: sets both '{old}' and '{new}'; '{old}' is the old name of '{new}'")
+            tree[new] = tree.pop(old)
+            _note_rename(source, old, new)
+    return tree
+
+
+def _rename_override(schema: type, item: str) -> str:
+    key, sep, value = item.partition("=")
+    head, dot, rest = key.partition(".")
+    new = _renames(schema).get(head)
+    if new is None:
+        return item
+    _note_rename(f"override '{item}'", head, new)
+    return f"{new}{dot}{rest}{sep}{value}"
+
+
+def _note_rename(source: str, old: str, new: str) -> None:
+    from robustmim.log import get_logger
+
+    get_logger(__name__).info(f"note: {source}: '{old}' is now called '{new}'")
+
+
 def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Build a `schema` instance from its defaults, an optional YAML file and dotted overrides."""
     return _checked(resolved_tree(schema, path, overrides))
@@ -95,7 +127,7 @@ def config_from_dict(schema: type[T], data: dict, source: str) -> T:
     OmegaConf.set_struct(cfg, True)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of keys to values at the top level")
-    return _checked(_merge(cfg, OmegaConf.create(data), source))
+    return _checked(_merge(cfg, _rename_in_tree(schema, OmegaConf.create(data), source), source))
 
 
 def resolved_tree(schema: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -104,8 +136,8 @@ def resolved_tree(schema: type, path: str | Path | None = None, overrides: Seque
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
     if path is not None:
-        cfg = _merge(cfg, _read_file(path), str(path))
-    return _apply_overrides(cfg, overrides)
+        cfg = _merge(cfg, _rename_in_tree(schema, _read_file(path), str(path)), str(path))
+    return _apply_overrides(cfg, [_rename_override(schema, item) for item in overrides])
 
 
 def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:

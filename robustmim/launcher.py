@@ -8,8 +8,8 @@ import os
 import signal
 import sys
 
-RESUME_HELP = ("latest (default): continue from run_dir's newest checkpoint; none: start at step 0 (refused when "
-               "run_dir holds checkpoints); or a step_* directory of any run to start from (checkpoint.resume)")
+RESUME_HELP = ("latest (default): continue from out_dir's newest checkpoint; none: start at step 0 (refused when "
+               "out_dir holds checkpoints); or a step_* directory of any run to start from (checkpoint.resume)")
 
 
 def add_resume_argument(parser: argparse.ArgumentParser) -> None:

@@ -43,22 +43,22 @@ TRAINING_ARGUMENTS = ("pipeline.cli:add_training_arguments", "pipeline.cli:run_t
 
 STAGES: tuple[Stage, ...] = (
     Stage("shards", "build, verify and summarize WebDataset shards",
-          "robustmim shards build --config configs/shards/fashion_mnist.yaml out=runs/demo/shards",
+          "robustmim shards build --config configs/shards/fashion_mnist.yaml out_dir=runs/demo/shards",
           Launch.local, "shards.cli:add_arguments", "shards.cli:run", config="shards.config:ShardsConfig"),
     Stage("pretrain", "pretrain an autoencoder (MAE, NIM, DMAE, MIMIR) with DeepSpeed",
           "robustmim pretrain --config configs/pretrain/dmae_tiny_fmnist.yaml --nproc-per-node 2 "
-          "run_dir=runs/demo/pretrain_dmae data.shards=runs/demo/shards",
+          "out_dir=runs/demo/pretrain_dmae data.shards=runs/demo/shards",
           Launch.training, *TRAINING_ARGUMENTS, config="pipeline.engine.config:PretrainConfig",
           train="pipeline.engine.pretrain:pretrain", export="pipeline.engine.export:export_autoencoder"),
     Stage("finetune", "fine-tune a pretrained encoder into each defense's classifier (standard, De3, DMAE, "
                       "MIMIR, DAT)",
           "robustmim finetune --config configs/finetune/dmae_tiny_fmnist.yaml --nproc-per-node 2 "
-          "run_dir=runs/demo/finetune_dmae init=runs/demo/dmae_tiny.safetensors",
+          "out_dir=runs/demo/finetune_dmae init=runs/demo/dmae_tiny.safetensors",
           Launch.training, *TRAINING_ARGUMENTS, config="pipeline.finetune.config:FinetuneConfig",
           train="pipeline.finetune.task:finetune", export="pipeline.finetune.export:export_classifier"),
     Stage("tokenizer", "train a VQGAN tokenizer on the shards (the discretizer of DAT fine-tuning)",
           "robustmim tokenizer --config configs/tokenizer/tiny_fmnist.yaml --nproc-per-node 2 "
-          "run_dir=runs/demo/tokenizer",
+          "out_dir=runs/demo/tokenizer",
           Launch.training, *TRAINING_ARGUMENTS, config="pipeline.tokenizer.config:TokenizerConfig",
           train="pipeline.tokenizer.task:train_tokenizer", export="pipeline.tokenizer.export:export_tokenizer"),
     Stage("export", "consolidate a checkpoint into safetensors: an autoencoder, a tokenizer, or a classifier with "
@@ -77,12 +77,12 @@ STAGES: tuple[Stage, ...] = (
           Launch.local, "eval.cli:add_study_arguments", "eval.cli:run_study_command", config="eval.study:StudyConfig"),
     Stage("submit", "send a stage to Slurm (or the local executor) through submitit",
           "robustmim submit pretrain --config configs/pretrain/mae_vitl_in1k.yaml --nodes 4 --gpus-per-node 8 "
-          "--partition gpu data.shards=/data/in1k run_dir=/scratch/mae_l --dry-run",
+          "--partition gpu data.shards=/data/in1k out_dir=/scratch/mae_l --dry-run",
           Launch.local, "slurm.cli:add_submit_arguments", "slurm.cli:run_submit"),
     Stage("status", "show a run's jobs, last step and checkpoint", "robustmim status /scratch/mae_l",
           Launch.local, "slurm.cli:add_status_arguments", "slurm.cli:run_status"),
     Stage("check", "a distributed all-reduce smoke test of a Slurm allocation",
-          "robustmim submit check --run-dir /scratch/check --nodes 2 --gpus-per-node 8", Launch.check),
+          "robustmim submit check --out-dir /scratch/check --nodes 2 --gpus-per-node 8", Launch.check),
 )
 
 

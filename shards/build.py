@@ -66,7 +66,7 @@ def remove_unplanned_shards(out_dir: Path, plans: list[ShardPlan]) -> list[str]:
 
 def build_shards(cfg: ShardsConfig) -> Manifest:
     workers = cfg.workers or os.cpu_count() or 1
-    out_dir = prepare_output(cfg.out)
+    out_dir = prepare_output(cfg.out_dir)
     source = open_source(cfg)
     provenance = write_provenance(out_dir, cfg, "shards build")
 

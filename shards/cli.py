@@ -10,7 +10,7 @@ from robustmim.config_help import add_config_arguments
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="<action>", required=True)
     build = actions.add_parser("build", help="write shards from Fashion-MNIST or an ImageNet-style tree")
-    add_config_arguments(build, "configs/shards/*.yaml", "out=data/shards workers=8")
+    add_config_arguments(build, "configs/shards/*.yaml", "out_dir=data/shards workers=8")
     verify = actions.add_parser("verify", help="recheck a shard directory against its manifest")
     verify.add_argument("dir")
     verify.add_argument("--sample", type=float, default=1.0, metavar="FRACTION",
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         cfg = load_config(ShardsConfig, args.config, args.overrides)
         manifest = build_shards(cfg)
-        print(summary_text(manifest, cfg.out))
+        print(summary_text(manifest, cfg.out_dir))
         return 0
     if args.action == "verify":
         from shards.verify import verify_dir

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from omegaconf import MISSING
 
@@ -20,10 +21,12 @@ SPLITS = {SourceKind.fashion_mnist: ("train", "val"), SourceKind.imagenet: ("tra
 
 @dataclass
 class ShardsConfig:
+    renamed_keys: ClassVar[dict[str, str]] = {"out": "out_dir"}  # one output-directory name across stages
+
     source: SourceKind = SourceKind.fashion_mnist  # fashion_mnist (Debian's dataset-fashion-mnist) or imagenet
     # Dataset root: Fashion-MNIST's directory, or the ImageNet root holding train/ and val/.
     input: str = FASHION_MNIST_DIR
-    out: str = MISSING  # the shards directory to write (manifest.json, <split>-*.tar)
+    out_dir: str = MISSING  # the shards directory to write (manifest.json, <split>-*.tar)
     # Fashion-MNIST's 10k test images are written as split "val", the split later stages evaluate.
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
     # Fixes the global shuffle of samples across shards; same input + seed -> identical shards.

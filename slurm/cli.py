@@ -1,4 +1,4 @@
-"""`robustmim submit <stage>` and `robustmim status <run_dir>`."""
+"""`robustmim submit <stage>` and `robustmim status <out_dir>`."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--" + name.replace("_", "-"), type=kind, dest=f"slurm_{name}", choices=choices,
                             metavar=None if choices else name.upper(), help=helps[name])
     parser.add_argument("--exclusive", action="store_true", dest="slurm_exclusive", help=helps["exclusive"])
-    parser.add_argument("--run-dir", help="where a `check` job writes (training stages use their run_dir)")
+    parser.add_argument("--out-dir", help="where a `check` job writes (training stages use their out_dir)")
     parser.add_argument("--array-tasks", type=int, help="eval: number of array tasks (default: one per eval shard)")
     parser.add_argument("--dry-run", action="store_true", help="print the batch script and plan; submit nothing")
     from robustmim.launcher import add_resume_argument
@@ -66,18 +66,18 @@ def run_submit(args: argparse.Namespace) -> int:
             accumulation = cfg.accumulation(slurm_cfg.tasks)
         except ValueError as e:
             raise UserError(str(e)) from None
-        run_dir = Path(cfg.run_dir)
+        out_dir = Path(cfg.out_dir)
         memory = estimate_memory(cfg, slurm_cfg.tasks, on_gpu=slurm_cfg.gpus_per_node > 0)
         describe = (f"# per rank: micro batch {cfg.micro_batch} x {accumulation} accumulation step(s); global batch "
                     f"{cfg.global_batch}\n# memory: {memory.describe()} (ZeRO-{cfg.zero_stage})")
     else:
-        if not args.run_dir:
-            raise UserError("a check job needs --run-dir")
-        run_dir = Path(args.run_dir)
-    job_id = submit(args.stage, run_dir.resolve(), args.config, args.overrides, slurm_cfg, args.dry_run, describe)
+        if not args.out_dir:
+            raise UserError("a check job needs --out-dir")
+        out_dir = Path(args.out_dir)
+    job_id = submit(args.stage, out_dir.resolve(), args.config, args.overrides, slurm_cfg, args.dry_run, describe)
     if job_id:
-        print(f"submitted {args.stage} as job {job_id}; logs in {run_dir / 'slurm' / job_id}; "
-              f"`robustmim status {run_dir}` shows its progress")
+        print(f"submitted {args.stage} as job {job_id}; logs in {out_dir / 'slurm' / job_id}; "
+              f"`robustmim status {out_dir}` shows its progress")
     return 0
 
 
@@ -111,7 +111,7 @@ def submit_eval(args: argparse.Namespace, slurm_cfg) -> int:
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir")
+    parser.add_argument("out_dir")
 
 
 def failed_task_logs(logs: Path, job_id: str, lines: int = 5) -> list[tuple[Path, list[str]]]:
@@ -137,15 +137,15 @@ def run_status(args: argparse.Namespace) -> int:
     from slurm.job import ATTEMPTS_FILE
     from slurm.jobs import FINISHED, job_state, read_submissions
 
-    run_dir = Path(args.run_dir)
-    submissions = read_submissions(run_dir)
-    provenance = run_dir / "provenance.json"
+    out_dir = Path(args.out_dir)
+    submissions = read_submissions(out_dir)
+    provenance = out_dir / "provenance.json"
     if not submissions and not provenance.is_file():
-        raise UserError(f"{run_dir}: not a run or evaluation directory (no provenance.json, no jobs.jsonl)")
+        raise UserError(f"{out_dir}: not a run or evaluation directory (no provenance.json, no jobs.jsonl)")
     stage = json.loads(provenance.read_text())["stage"] if provenance.is_file() else submissions[0]["stage"]
-    print(f"{run_dir}: {stage}" + ("" if submissions else " (started here, no Slurm jobs)"))
-    attempts = [json.loads(line) for line in (run_dir / ATTEMPTS_FILE).read_text().splitlines()] \
-        if (run_dir / ATTEMPTS_FILE).is_file() else []
+    print(f"{out_dir}: {stage}" + ("" if submissions else " (started here, no Slurm jobs)"))
+    attempts = [json.loads(line) for line in (out_dir / ATTEMPTS_FILE).read_text().splitlines()] \
+        if (out_dir / ATTEMPTS_FILE).is_file() else []
     problems = 0
     for job in submissions:
         state = job_state(job["job_id"]) if job["cluster"] == "slurm" else "local"
@@ -157,12 +157,12 @@ def run_status(args: argparse.Namespace) -> int:
             for log, tail in failed_task_logs(Path(job["logs"]), job["job_id"]):
                 print(f"  error log: {log}")
                 print("".join(f"    {line}\n" for line in tail), end="")
-    if (run_dir / "manifest.json").is_file():  # a shards directory
+    if (out_dir / "manifest.json").is_file():  # a shards directory
         from shards.manifest import load_manifest, summary_text
 
-        print(summary_text(load_manifest(run_dir), run_dir))
+        print(summary_text(load_manifest(out_dir), out_dir))
         return 1 if problems else 0
-    records = read_metrics(run_dir)
+    records = read_metrics(out_dir)
     training = [r for r in records if "loss" in r]
     if training:
         last = training[-1]
@@ -170,18 +170,18 @@ def run_status(args: argparse.Namespace) -> int:
     validation = [r for r in records if "val_samples" in r]
     if validation:
         print(f"last validation: step {validation[-1]['step']}, {format_validation(validation[-1])}")
-    plan = run_dir / "plan.json"
+    plan = out_dir / "plan.json"
     if plan.is_file():  # an evaluation
         from eval.records import recorded_indices
 
         wanted = len(json.loads(plan.read_text())["indices"])
-        print(f"evaluation: {len(recorded_indices(run_dir))} of {wanted} samples recorded"
-              f"{'; merged' if (run_dir / 'summary.json').is_file() else ''}")
+        print(f"evaluation: {len(recorded_indices(out_dir))} of {wanted} samples recorded"
+              f"{'; merged' if (out_dir / 'summary.json').is_file() else ''}")
         return 1 if problems else 0
-    state = read_run_state(run_dir)
+    state = read_run_state(out_dir)
     if state:  # how the last attempt of a training run ended (running: or killed without a word)
         ended = f", stopped by {state['stopped_by']}" if state.get("stopped_by") else ""
         print(f"run state: {state['state']} at step {state['step']}/{state['total_steps']}{ended}")
-    latest = run_dir / "checkpoints" / "latest"
+    latest = out_dir / "checkpoints" / "latest"
     print(f"last checkpoint: {latest.read_text().strip() if latest.is_file() else 'none'}")
     return 1 if problems else 0

@@ -52,20 +52,20 @@ def allreduce_check() -> dict:
 ATTEMPTS_FILE = "attempts.jsonl"
 
 
-def append_attempt(run_dir: str | Path, record: dict) -> None:
+def append_attempt(out_dir: str | Path, record: dict) -> None:
     """One line per start of a job or array task ({"job_id", ...}); lines with an "event" key
     record what happened in an attempt (a requeue) and are not starts."""
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(run_dir) / ATTEMPTS_FILE, "a") as f:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(out_dir) / ATTEMPTS_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 class StageJob(submitit.helpers.Checkpointable):
-    def __init__(self, stage: str, run_dir: str, config_path: Optional[str], overrides: list[str],
+    def __init__(self, stage: str, out_dir: str, config_path: Optional[str], overrides: list[str],
                  max_requeues: int = 20):
         if stage not in STAGES:
             raise ValueError(f"unknown stage '{stage}'; known: {STAGES}")
-        self.stage, self.run_dir, self.config_path, self.overrides = stage, run_dir, config_path, list(overrides)
+        self.stage, self.out_dir, self.config_path, self.overrides = stage, out_dir, config_path, list(overrides)
         self.max_requeues = max_requeues
 
     def _export_dist_env(self) -> dict:
@@ -84,7 +84,7 @@ class StageJob(submitit.helpers.Checkpointable):
                 "restarts": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
 
     def _log(self, record: dict) -> None:
-        append_attempt(self.run_dir, record)
+        append_attempt(self.out_dir, record)
 
     def __call__(self):
         attempt = self._export_dist_env()

@@ -20,16 +20,16 @@ JOBS_FILE = "jobs.jsonl"
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
-def record_submission(run_dir: str | Path, record: dict) -> None:
-    path = Path(run_dir) / JOBS_FILE
+def record_submission(out_dir: str | Path, record: dict) -> None:
+    path = Path(out_dir) / JOBS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     stamped = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **record}
     with open(path, "a") as f:
         f.write(json.dumps(stamped) + "\n")
 
 
-def read_submissions(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / JOBS_FILE
+def read_submissions(out_dir: str | Path) -> list[dict]:
+    path = Path(out_dir) / JOBS_FILE
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 

@@ -3,7 +3,7 @@
 Before anything is queued: the time format is checked, and on Slurm the exact batch script
 submitit would submit goes through `sbatch --test-only`, so Slurm itself rejects an unknown
 partition, account or QOS, or more nodes, tasks or CPUs than the cluster has, with its own
-message. Logs of every task land under <run_dir>/slurm/<job id>/.
+message. Logs of every task land under <out_dir>/slurm/<job id>/.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ def resolve_cluster(kind: ClusterKind) -> str:
     return kind.value
 
 
-def make_executor(cfg: SlurmConfig, run_dir: Path) -> tuple[submitit.AutoExecutor, str]:
+def make_executor(cfg: SlurmConfig, out_dir: Path) -> tuple[submitit.AutoExecutor, str]:
     cluster = resolve_cluster(cfg.cluster)
-    executor = submitit.AutoExecutor(folder=str(run_dir / "slurm" / "%j"), cluster=cluster,
+    executor = submitit.AutoExecutor(folder=str(out_dir / "slurm" / "%j"), cluster=cluster,
                                      slurm_max_num_timeout=cfg.max_requeues)
     params = dict(name=cfg.job_name, nodes=cfg.nodes, tasks_per_node=cfg.gpus_per_node or cfg.tasks_per_node,
                   cpus_per_task=cfg.cpus_per_task, timeout_min=time_minutes(cfg.time))
@@ -158,21 +158,21 @@ def estimate_memory(cfg, world_size: int, on_gpu: bool = True) -> MemoryEstimate
                           cfg.precision is Precision.bf16_weights)
 
 
-def submit_array(function, items: list, cfg: SlurmConfig, run_dir: Path, stage: str = "array") -> list[str]:
+def submit_array(function, items: list, cfg: SlurmConfig, out_dir: Path, stage: str = "array") -> list[str]:
     """One array task per item (e.g. one per evaluation shard); returns the tasks' job ids."""
-    executor, cluster = make_executor(cfg, run_dir)
+    executor, cluster = make_executor(cfg, out_dir)
     if cluster == "slurm":
         preflight(executor)
     jobs = executor.map_array(function, items)
     for job in jobs:
-        record_submission(run_dir, {"job_id": job.job_id, "stage": stage, "cluster": cluster, "tasks": cfg.tasks,
-                                    "logs": str(run_dir / "slurm" / job.job_id.split("_")[0])})
+        record_submission(out_dir, {"job_id": job.job_id, "stage": stage, "cluster": cluster, "tasks": cfg.tasks,
+                                    "logs": str(out_dir / "slurm" / job.job_id.split("_")[0])})
     return [job.job_id for job in jobs]
 
 
-def submit(stage: str, run_dir: Path, config_path: str | None, overrides: list[str], cfg: SlurmConfig,
+def submit(stage: str, out_dir: Path, config_path: str | None, overrides: list[str], cfg: SlurmConfig,
            dry_run: bool, describe: str = "") -> str | None:
-    executor, cluster = make_executor(cfg, run_dir)
+    executor, cluster = make_executor(cfg, out_dir)
     if dry_run:
         if cluster == "slurm":
             print(sbatch_script(executor))
@@ -184,8 +184,8 @@ def submit(stage: str, run_dir: Path, config_path: str | None, overrides: list[s
         return None
     if cluster == "slurm":
         preflight(executor)
-    job = executor.submit(StageJob(stage, str(run_dir), config_path, overrides, cfg.max_requeues))
-    record_submission(run_dir, {"job_id": job.job_id, "stage": stage, "cluster": cluster, "tasks": cfg.tasks,
-                                "logs": str(run_dir / "slurm" / job.job_id), "config": config_path,
+    job = executor.submit(StageJob(stage, str(out_dir), config_path, overrides, cfg.max_requeues))
+    record_submission(out_dir, {"job_id": job.job_id, "stage": stage, "cluster": cluster, "tasks": cfg.tasks,
+                                "logs": str(out_dir / "slurm" / job.job_id), "config": config_path,
                                 "overrides": overrides})
     return job.job_id

@@ -37,7 +37,7 @@ def fashion_dir() -> Path:
 def fashion_shards(tmp_path_factory, fashion_dir) -> Path:
     """The whole Fashion-MNIST set (60k + 10k) in shards of 5,000, built once per session."""
     out = tmp_path_factory.mktemp("fashion_shards")
-    build(source="fashion_mnist", input=fashion_dir, out=out, shard_max_samples=5000, workers=2)
+    build(source="fashion_mnist", input=fashion_dir, out_dir=out, shard_max_samples=5000, workers=2)
     return out
 
 
@@ -51,7 +51,7 @@ def image_tree(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tree_shards(tmp_path_factory, image_tree) -> Path:
     out = tmp_path_factory.mktemp("tree_shards")
-    build(source="imagenet", input=image_tree.root, out=out, shard_max_samples=5, workers=2)
+    build(source="imagenet", input=image_tree.root, out_dir=out, shard_max_samples=5, workers=2)
     return out
 
 
@@ -65,7 +65,7 @@ def read_skipped(shard_dir: Path) -> list[dict]:
 def fashion_val_shards(tmp_path_factory, fashion_dir) -> Path:
     """Fashion-MNIST's 10,000 val images in 20 shards of 500: small, but many shards to shuffle."""
     out = tmp_path_factory.mktemp("fashion_val")
-    build(source="fashion_mnist", input=fashion_dir, out=out, splits="[val]", shard_max_samples=500, workers=2)
+    build(source="fashion_mnist", input=fashion_dir, out_dir=out, splits="[val]", shard_max_samples=500, workers=2)
     return out
 
 
@@ -75,7 +75,7 @@ def jpeg_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("jpeg_tree")
     make_image_tree(root / "in", classes=4, train_per_class=20, val_per_class=0, min_size=48, max_size=48, seed=7)
     out = root / "shards"
-    build(source="imagenet", input=root / "in", out=out, splits="[train]", shard_max_samples=16, workers=2)
+    build(source="imagenet", input=root / "in", out_dir=out, splits="[train]", shard_max_samples=16, workers=2)
     return out
 
 
@@ -113,7 +113,7 @@ def tiny_tokenizer(tmp_path_factory, fashion_shards) -> Path:
 
     root = tmp_path_factory.mktemp("tokenizer")
     robustmim = str(Path(sys.executable).parent / "robustmim")
-    overrides = [f"run_dir={root / 'run'}", f"data.shards={fashion_shards}",
+    overrides = [f"out_dir={root / 'run'}", f"data.shards={fashion_shards}",
                  f"length.samples={32 * TOKENIZER_STEPS}", "global_batch=32", "micro_batch=32",
                  "data.shuffle_buffer=512", f"validation.every_steps={TOKENIZER_STEPS}", "checkpoint.every_steps=1000"]
     done = subprocess.run([robustmim, "tokenizer", "--config", "configs/tokenizer/tiny_fmnist.yaml", *overrides],
@@ -151,6 +151,6 @@ def references(tmp_path_factory, fashion_val_shards):
 
     root = tmp_path_factory.mktemp("reference")
     runs = {stage: root / f"zero{stage}" for stage in (1, 2, 3)}
-    for stage, run_dir in runs.items():
-        finish(launch(fashion_val_shards, run_dir, zero_stage=stage))
+    for stage, out_dir in runs.items():
+        finish(launch(fashion_val_shards, out_dir, zero_stage=stage))
     return runs

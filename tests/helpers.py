@@ -15,8 +15,8 @@ ROBUSTMIM = str(Path(sys.executable).parent / "robustmim")
 STEPS = 12
 
 
-def settings(shards, run_dir, **extra) -> dict:
-    base = {"run_dir": run_dir, "data.shards": shards, "data.split": "val", "data.image_size": 28,
+def settings(shards, out_dir, **extra) -> dict:
+    base = {"out_dir": out_dir, "data.shards": shards, "data.split": "val", "data.image_size": 28,
             "data.channels": 1, "data.num_threads": 1, "data.shuffle_buffer": 256,
             "model.encoder": "vit_tiny_patch4", "model.decoder": "tiny", "model.img_size": 28,
             "model.in_chans": 1, "model.pixel_mean": "[0.286]", "model.pixel_std": "[0.353]",
@@ -26,8 +26,8 @@ def settings(shards, run_dir, **extra) -> dict:
     return {**base, **extra}
 
 
-def launch(shards, run_dir, nproc=2, **extra) -> subprocess.Popen:
-    overrides = [f"{k}={v}" for k, v in settings(shards, run_dir, **extra).items()]
+def launch(shards, out_dir, nproc=2, **extra) -> subprocess.Popen:
+    overrides = [f"{k}={v}" for k, v in settings(shards, out_dir, **extra).items()]
     return subprocess.Popen([ROBUSTMIM, "pretrain", "--nproc-per-node", str(nproc), *overrides], cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -53,13 +53,13 @@ def wait_for(predicate, proc, timeout=180.0, what="the condition"):
         time.sleep(0.005)
 
 
-def last_step(run_dir) -> int:
-    rows = read_metrics(run_dir)
+def last_step(out_dir) -> int:
+    rows = read_metrics(out_dir)
     return rows[-1]["step"] if rows else 0
 
 
-def curve(run_dir) -> list[tuple]:
-    return [(r["step"], r["samples"], r["loss"], r["lr"]) for r in read_metrics(run_dir)]
+def curve(out_dir) -> list[tuple]:
+    return [(r["step"], r["samples"], r["loss"], r["lr"]) for r in read_metrics(out_dir)]
 
 
 # Tiny configs and inputs shared by several test modules.
@@ -93,7 +93,7 @@ def tiny_tokenizer_config(**overrides):
     from pipeline.tokenizer.config import TokenizerConfig
 
     return load_config(TokenizerConfig, TOKENIZER_CONFIG,
-                       [f"{k}={v}" for k, v in {"run_dir": "x", **overrides}.items()])
+                       [f"{k}={v}" for k, v in {"out_dir": "x", **overrides}.items()])
 
 
 def val_images(shards, every_nth: int):
@@ -110,8 +110,8 @@ def val_images(shards, every_nth: int):
     return torch.cat(batches)[::every_nth]
 
 
-def wandb_offline_runs(run_dir) -> dict[str, list[list[dict]]]:
-    """What W&B's offline mode wrote under <run_dir>/wandb/: run id -> one list of history rows
+def wandb_offline_runs(out_dir) -> dict[str, list[list[dict]]]:
+    """What W&B's offline mode wrote under <out_dir>/wandb/: run id -> one list of history rows
     ({key: value}) per attempt, oldest first. The .wandb file is W&B's record log (a LevelDB-style
     log of 32 KiB blocks, each record a header of checksum, length and type, then a piece of a
     protobuf `Record`); the records are decoded with W&B's own protobuf classes."""
@@ -120,7 +120,7 @@ def wandb_offline_runs(run_dir) -> dict[str, list[list[dict]]]:
     from wandb.proto import wandb_internal_pb2
 
     runs: dict[str, list[list[dict]]] = {}
-    for attempt in sorted(Path(run_dir, "wandb").glob("offline-run-*")):
+    for attempt in sorted(Path(out_dir, "wandb").glob("offline-run-*")):
         (log_file,) = attempt.glob("run-*.wandb")
         data, pos, pending, rows = log_file.read_bytes(), 7, b"", []
         assert data[:4] == b":W&B", log_file

@@ -18,7 +18,7 @@ def run(*args):
 def test_build_summary_and_verify(tmp_path, image_tree):
     out = tmp_path / "shards"
     built = run("shards", "build", "--config", "configs/shards/imagenet.yaml",
-                f"input={image_tree.root}", f"out={out}", "workers=2")
+                f"input={image_tree.root}", f"out_dir={out}", "workers=2")
     assert built.returncode == 0, built.stderr
     assert "source: imagenet" in built.stdout and "3 classes" in built.stdout
     table = {line.split()[0]: line.split()[1:] for line in built.stdout.splitlines()[2:]}
@@ -32,7 +32,7 @@ def test_build_summary_and_verify(tmp_path, image_tree):
 
 
 def test_user_errors_are_one_line_without_traceback(tmp_path):
-    result = run("shards", "build", "out=" + str(tmp_path), "shard_max_samples=-3")
+    result = run("shards", "build", "out_dir=" + str(tmp_path), "shard_max_samples=-3")
     assert result.returncode == 2
     assert result.stderr.strip() == "robustmim shards: error: shard_max_samples must be >= 0 (0 = no limit), got -3"
     result = run("shards", "verify", tmp_path)
@@ -61,7 +61,7 @@ def test_print_config_shows_every_setting_with_its_help_and_reads_back_as_overri
     from pipeline.engine.config import PretrainConfig
 
     shown = run("pretrain", "--print-config", "--config", "configs/pretrain/mae_tiny_fmnist.yaml",
-                f"run_dir={tmp_path / 'run'}", "seed=3")
+                f"out_dir={tmp_path / 'run'}", "seed=3")
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
     assert "seed=3  # initial weights and every per-step draw (masks, noise, attacks) [default: 0]" in lines
@@ -70,7 +70,7 @@ def test_print_config_shows_every_setting_with_its_help_and_reads_back_as_overri
     assert not (tmp_path / "run").exists()  # nothing ran
     settings = [line.split("  # ")[0] for line in lines if not line.startswith("#")]
     expected = load_config(PretrainConfig, REPO_ROOT / "configs/pretrain/mae_tiny_fmnist.yaml",
-                           [f"run_dir={tmp_path / 'run'}", "seed=3"])
+                           [f"out_dir={tmp_path / 'run'}", "seed=3"])
     assert load_config(PretrainConfig, None, settings) == expected
     unknown = run("pretrain", "--print-config", "--config", "configs/pretrain/mae_tiny_fmnist.yaml", "sede=3")
     assert unknown.returncode == 2 and "unknown key 'sede'" in unknown.stderr

@@ -16,32 +16,32 @@ from conftest import REPO_ROOT
 
 def test_file_then_overrides_in_order(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("source: imagenet\ninput: /data/in1k\nout: /x\nseed: 3\nshard_max_samples: 10\n")
+    path.write_text("source: imagenet\ninput: /data/in1k\nout_dir: /x\nseed: 3\nshard_max_samples: 10\n")
     cfg = load_config(ShardsConfig, path, ["seed=7", "splits=[val]"])
     assert cfg.source is SourceKind.imagenet
-    assert (cfg.input, cfg.out, cfg.seed, cfg.shard_max_samples, cfg.splits) == ("/data/in1k", "/x", 7, 10, ["val"])
+    assert (cfg.input, cfg.out_dir, cfg.seed, cfg.shard_max_samples, cfg.splits) == ("/data/in1k", "/x", 7, 10, ["val"])
 
 
 def test_unknown_key_in_file_names_file_and_key(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("out: /x\nshard_max_sample: 10\n")
+    path.write_text("out_dir: /x\nshard_max_sample: 10\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'shard_max_sample'"):
         load_config(ShardsConfig, path)
 
 
 def test_unknown_key_in_override_names_it():
     with pytest.raises(ConfigError, match=r"override 'wrokers=2': unknown key 'wrokers'"):
-        load_config(ShardsConfig, None, ["out=/x", "wrokers=2"])
+        load_config(ShardsConfig, None, ["out_dir=/x", "wrokers=2"])
 
 
 def test_wrong_type_names_key_and_value():
     with pytest.raises(ConfigError, match=r"invalid value for 'workers'.*'many'"):
-        load_config(ShardsConfig, None, ["out=/x", "workers=many"])
+        load_config(ShardsConfig, None, ["out_dir=/x", "workers=many"])
 
 
 def test_bad_enum_value_lists_the_choices():
     with pytest.raises(ConfigError, match=r"'source'.*imagenet"):
-        load_config(ShardsConfig, None, ["out=/x", "source=cifar"])
+        load_config(ShardsConfig, None, ["out_dir=/x", "source=cifar"])
 
 
 def test_missing_required_value():
@@ -56,7 +56,7 @@ def test_missing_required_value():
 ])
 def test_values_checked_by_the_dataclass(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(ShardsConfig, None, ["out=/x", override])
+        load_config(ShardsConfig, None, ["out_dir=/x", override])
 
 
 @pytest.mark.parametrize("stage, override, message", [
@@ -75,7 +75,7 @@ def test_sections_and_keys_that_must_agree_are_checked_in_the_config(stage, over
             "finetune": "configs/finetune/standard_tiny_fmnist.yaml",
             "tokenizer": "configs/tokenizer/tiny_fmnist.yaml"}[stage]
     with pytest.raises(ConfigError, match=message):
-        load_config(schema, REPO_ROOT / path, ["run_dir=/x", override])
+        load_config(schema, REPO_ROOT / path, ["out_dir=/x", override])
 
 
 def test_bf16_weights_needs_zero_and_is_a_training_mode():
@@ -84,9 +84,9 @@ def test_bf16_weights_needs_zero_and_is_a_training_mode():
 
     schema = resolve(stage_named("pretrain").config)
     path = REPO_ROOT / "configs/pretrain/mae_tiny_fmnist.yaml"
-    assert load_config(schema, path, ["run_dir=/x", "precision=bf16_weights", "zero_stage=1"]).zero_stage == 1
+    assert load_config(schema, path, ["out_dir=/x", "precision=bf16_weights", "zero_stage=1"]).zero_stage == 1
     with pytest.raises(ConfigError, match="precision=bf16_weights needs zero_stage >= 1"):
-        load_config(schema, path, ["run_dir=/x", "precision=bf16_weights", "zero_stage=0"])
+        load_config(schema, path, ["out_dir=/x", "precision=bf16_weights", "zero_stage=0"])
     with pytest.raises(ConfigError, match="bf16_weights is a training mode"):
         load_config(EvalConfig, None, ["model=m", "shards=s", "out_dir=o", "precision=bf16_weights"])
 
@@ -98,14 +98,14 @@ def test_compile_is_on_for_gpus_unless_set_and_never_with_zero3():
     path = REPO_ROOT / "configs/pretrain/mae_tiny_fmnist.yaml"
 
     def compiles(on_gpu, *overrides):
-        return load_config(schema, path, ["run_dir=/x", *overrides]).compiles(on_gpu)
+        return load_config(schema, path, ["out_dir=/x", *overrides]).compiles(on_gpu)
 
-    assert load_config(schema, path, ["run_dir=/x"]).compile is None  # auto
+    assert load_config(schema, path, ["out_dir=/x"]).compile is None  # auto
     assert compiles(True) and not compiles(False)
     assert not compiles(True, "zero_stage=3")  # auto stays off where ZeRO-3's hooks would break the graphs
     assert compiles(False, "compile=true") and not compiles(True, "compile=false")
     with pytest.raises(ConfigError, match="compile=true needs zero_stage <= 2"):
-        load_config(schema, path, ["run_dir=/x", "compile=true", "zero_stage=3"])
+        load_config(schema, path, ["out_dir=/x", "compile=true", "zero_stage=3"])
 
 
 def test_resume_choices_and_which_settings_make_a_checkpoint_another_run():
@@ -116,12 +116,12 @@ def test_resume_choices_and_which_settings_make_a_checkpoint_another_run():
     path = REPO_ROOT / "configs/pretrain/mae_tiny_fmnist.yaml"
 
     def hashes(*overrides):
-        return config_hashes(load_config(schema, path, ["run_dir=/x", *overrides]))
+        return config_hashes(load_config(schema, path, ["out_dir=/x", *overrides]))
 
-    assert load_config(schema, path, ["run_dir=/x"]).checkpoint.resume == "latest"
+    assert load_config(schema, path, ["out_dir=/x"]).checkpoint.resume == "latest"
     for word in ("true", "false", ""):
         with pytest.raises(ConfigError, match="checkpoint.resume must be latest, none or a step_"):
-            load_config(schema, path, ["run_dir=/x", f"checkpoint.resume={word}"])
+            load_config(schema, path, ["out_dir=/x", f"checkpoint.resume={word}"])
     base = hashes()
     # where the shards live, how fast they are read: the same run
     assert hashes("data.shards=/elsewhere", "data.num_threads=7", "data.verify_hashes=true") == base
@@ -147,7 +147,7 @@ def test_shipped_configs_load():
     pretrain = sorted((REPO_ROOT / "configs" / "pretrain").glob("*.yaml"))
     assert len(shards) == 2 and len(pretrain) == 11  # 4 tiny, 4 ViT-L, NIM ViT-B, MIMIR ViT-B and ViT-S
     for path in shards:
-        load_config(ShardsConfig, path, ["out=/x"])
+        load_config(ShardsConfig, path, ["out_dir=/x"])
     for path in pretrain:
         cfg = load_config(PretrainConfig, path)
         assert cfg.objective.name.value == path.name.split("_")[0]
@@ -186,7 +186,7 @@ def test_every_shipped_config_loads_and_states_only_what_differs(path):
     from robustmim.stages import resolve, stage_named
 
     schema = resolve(stage_named(path.parent.name).config)
-    load_config(schema, path, ["out=/x"] if path.parent.name == "shards" else [])
+    load_config(schema, path, ["out_dir=/x"] if path.parent.name == "shards" else [])
     assert _restated_defaults(schema, yaml.safe_load(path.read_text())) == []
     header = []
     for line in path.read_text().splitlines():
@@ -262,14 +262,14 @@ def test_shipped_tokenizer_config_and_presets_load():
     dat = load_config(FinetuneConfig, REPO_ROOT / "configs" / "finetune" / "dat_vitl_in1k.yaml").recipe.dat
     assert dat.tokenizer_preset in PRESETS and dat.epsilon == 0.1 and dat.random_start_prob == 0.8
     with pytest.raises(ConfigError, match="recipe dat needs recipe.dat.tokenizer"):
-        load_config(FinetuneConfig, None, ["run_dir=x", "data.shards=x", "recipe.name=dat"])
+        load_config(FinetuneConfig, None, ["out_dir=x", "data.shards=x", "recipe.name=dat"])
 
 
 def test_resolved_config_and_git_sha_written_beside_output(tmp_path):
-    cfg = load_config(ShardsConfig, None, ["out=/x", "seed=5"])
+    cfg = load_config(ShardsConfig, None, ["out_dir=/x", "seed=5"])
     write_provenance(tmp_path, cfg, "shards build")
     written = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert written["seed"] == 5 and written["source"] == "fashion_mnist" and written["out"] == "/x"
+    assert written["seed"] == 5 and written["source"] == "fashion_mnist" and written["out_dir"] == "/x"
     record = json.loads((tmp_path / "provenance.json").read_text())
     head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     assert record["git_sha"] == head.stdout.strip() and len(record["git_sha"]) == 40
@@ -288,4 +288,19 @@ def test_times_are_not_read_as_base_60_numbers(tmp_path):
     assert load_config(SlurmConfig, None, ["time=1:30"]).time == "1:30"
     with pytest.raises(ConfigError, match=r"time '1:2:3:4' is not a Slurm time"):
         load_config(SlurmConfig, None, ["time=1:2:3:4"])
-    assert load_config(ShardsConfig, None, ["out=/x", "seed=019"]).seed == 19  # strings convert as before
+    assert load_config(ShardsConfig, None, ["out_dir=/x", "seed=019"]).seed == 19  # strings convert as before
+
+
+def test_old_output_directory_names_still_read_under_the_one_name(tmp_path):
+    """`out_dir` for every stage: shards' former `out` and training's former `run_dir` still load
+    (older commands, and older run directories' config.yaml, which `robustmim export` reads)."""
+    from pipeline.engine.config import PretrainConfig
+
+    assert load_config(ShardsConfig, None, ["out=/x"]).out_dir == "/x"
+    old = tmp_path / "config.yaml"
+    old.write_text("run_dir: /runs/a\ndata:\n  shards: /s\n")
+    assert load_config(PretrainConfig, old).out_dir == "/runs/a"
+    assert load_config(PretrainConfig, old, ["run_dir=/runs/b"]).out_dir == "/runs/b"
+    old.write_text("run_dir: /runs/a\nout_dir: /runs/b\n")
+    with pytest.raises(ConfigError, match="sets both 'run_dir' and 'out_dir'"):
+        load_config(PretrainConfig, old)

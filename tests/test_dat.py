@@ -20,7 +20,7 @@ from helpers import val_images
 @pytest.fixture(scope="module")
 def dat_parts(tiny_tokenizer, fashion_shards):
     cfg = load_config(FinetuneConfig, "configs/finetune/dat_tiny_fmnist.yaml",
-                      ["run_dir=x", "init=", f"recipe.dat.tokenizer={tiny_tokenizer}", "model.num_classes=10"])
+                      ["out_dir=x", "init=", f"recipe.dat.tokenizer={tiny_tokenizer}", "model.num_classes=10"])
     torch.manual_seed(0)
     module = FinetuneModule(ViTClassifier(cfg.model), build_recipe(cfg.recipe, 10),
                             tokenizer=load_tokenizer(tiny_tokenizer))

@@ -46,15 +46,15 @@ def test_zero_stages_agree_in_fp32(references):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_sigkill_at_a_random_step_then_resume_continues_identically(tmp_path, fashion_val_shards, references, stage):
     kill_at = random.Random(stage).randint(5, STEPS - 2)
-    run_dir = tmp_path / "run"
-    proc = launch(fashion_val_shards, run_dir, zero_stage=stage)
-    wait_for(lambda: last_step(run_dir) >= kill_at, proc, what=f"step {kill_at}")
+    out_dir = tmp_path / "run"
+    proc = launch(fashion_val_shards, out_dir, zero_stage=stage)
+    wait_for(lambda: last_step(out_dir) >= kill_at, proc, what=f"step {kill_at}")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (run_dir / "checkpoints" / LATEST).read_text() in ("step_00000004", "step_00000008")
+    assert (out_dir / "checkpoints" / LATEST).read_text() in ("step_00000004", "step_00000008")
 
-    finish(launch(fashion_val_shards, run_dir, zero_stage=stage))
-    assert curve(run_dir) == curve(references[stage])  # identical values, not merely close
+    finish(launch(fashion_val_shards, out_dir, zero_stage=stage))
+    assert curve(out_dir) == curve(references[stage])  # identical values, not merely close
 
 
 def _workers(proc) -> list[psutil.Process]:
@@ -72,27 +72,27 @@ def test_stop_signal_writes_a_checkpoint_and_exits_with_the_stopped_status(tmp_p
     `robustmim --nproc-per-node` process (a user's `kill`): all ranks stop together, save, and
     the command exits 75 (stopped, resumable), not 0 (finished). While it runs, a second run on
     the same directory is refused, naming the holder."""
-    run_dir = tmp_path / "run"
-    proc = launch(fashion_val_shards, run_dir, **{"length.samples": 32 * 400, "checkpoint.every_steps": 1000})
-    wait_for(lambda: last_step(run_dir) >= 3, proc, what="step 3")
+    out_dir = tmp_path / "run"
+    proc = launch(fashion_val_shards, out_dir, **{"length.samples": 32 * 400, "checkpoint.every_steps": 1000})
+    wait_for(lambda: last_step(out_dir) >= 3, proc, what="step 3")
     workers = sorted(_workers(proc), key=lambda p: p.pid)
     assert len(workers) == 2
     if target == "every rank":
         second = subprocess.run([ROBUSTMIM, "pretrain", *[f"{k}={v}" for k, v in settings(
-            fashion_val_shards, run_dir, **{"length.samples": 32 * 400}).items()]], cwd=REPO_ROOT,
+            fashion_val_shards, out_dir, **{"length.samples": 32 * 400}).items()]], cwd=REPO_ROOT,
             capture_output=True, text=True, timeout=120)
         assert second.returncode == 2, second.stderr[-2000:]
-        assert f"{run_dir} is in use by robustmim pretrain (pid " in second.stderr
+        assert f"{out_dir} is in use by robustmim pretrain (pid " in second.stderr
         assert any(f"(pid {worker.pid} on " in second.stderr for worker in workers)  # rank 0 holds it
     receivers = {"every rank": workers, "one rank": workers[1:], "the launcher": [psutil.Process(proc.pid)]}[target]
     for receiver in receivers:
         receiver.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, out[-3000:]
-    stopped = last_step(run_dir)
+    stopped = last_step(out_dir)
     assert 3 <= stopped < 400
-    assert (run_dir / "checkpoints" / LATEST).read_text() == f"step_{stopped:08d}"
-    assert json.loads((run_dir / "checkpoints" / f"step_{stopped:08d}" / METADATA).read_text())["step"] == stopped
+    assert (out_dir / "checkpoints" / LATEST).read_text() == f"step_{stopped:08d}"
+    assert json.loads((out_dir / "checkpoints" / f"step_{stopped:08d}" / METADATA).read_text())["step"] == stopped
     assert f"at step {stopped}; checkpoint saved" in out
     assert (f"stopped by {sig.name}" if target != "one rank" else "stopped by") in out
     assert "exit status 75" in out and "Traceback" not in out
@@ -101,36 +101,36 @@ def test_stop_signal_writes_a_checkpoint_and_exits_with_the_stopped_status(tmp_p
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_a_crash_during_save_leaves_latest_valid(tmp_path, fashion_val_shards, references):
-    run_dir = tmp_path / "run"
-    proc = launch(fashion_val_shards, run_dir)
-    second = run_dir / "checkpoints" / "step_00000008"
+    out_dir = tmp_path / "run"
+    proc = launch(fashion_val_shards, out_dir)
+    second = out_dir / "checkpoints" / "step_00000008"
     wait_for(second.exists, proc, what="the second checkpoint to start")
     os.killpg(proc.pid, signal.SIGKILL)  # while DeepSpeed writes step 8's shards
     proc.wait()
     assert not (second / METADATA).exists(), "the kill came after the save completed"
-    assert (run_dir / "checkpoints" / LATEST).read_text() == "step_00000004"
-    finish(launch(fashion_val_shards, run_dir))  # resumes from step 4, over the broken step 8
-    assert curve(run_dir) == curve(references[2])
+    assert (out_dir / "checkpoints" / LATEST).read_text() == "step_00000004"
+    finish(launch(fashion_val_shards, out_dir))  # resumes from step 4, over the broken step 8
+    assert curve(out_dir) == curve(references[2])
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_resume_on_one_rank_after_two(tmp_path, fashion_val_shards, references):
-    run_dir = tmp_path / "run"
-    finish(launch(fashion_val_shards, run_dir, **{"length.samples": 32 * 8}))
-    first_eight = curve(run_dir)
-    out = finish(launch(fashion_val_shards, run_dir, nproc=1))  # 12 steps now; accumulation becomes 2
-    assert (run_dir / "checkpoints" / "step_00000008_universal" / METADATA).is_file()
-    rows = read_metrics(run_dir)
+    out_dir = tmp_path / "run"
+    finish(launch(fashion_val_shards, out_dir, **{"length.samples": 32 * 8}))
+    first_eight = curve(out_dir)
+    out = finish(launch(fashion_val_shards, out_dir, nproc=1))  # 12 steps now; accumulation becomes 2
+    assert (out_dir / "checkpoints" / "step_00000008_universal" / METADATA).is_file()
+    rows = read_metrics(out_dir)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and rows[-1]["samples"] == 32 * STEPS
-    assert curve(run_dir)[:8] == first_eight
+    assert curve(out_dir)[:8] == first_eight
     assert all(0 < r["loss"] < 2 * rows[7]["loss"] for r in rows[8:])  # continues from the trained state
     assert "pretrain: step 12/12" in out
 
 
-def _pretrain(shards, run_dir, *flags, nproc=2, **extra):
+def _pretrain(shards, out_dir, *flags, nproc=2, **extra):
     """`robustmim pretrain` with the shared test settings; (exit status, output)."""
-    overrides = [f"{k}={v}" for k, v in settings(shards, run_dir, **extra).items()]
+    overrides = [f"{k}={v}" for k, v in settings(shards, out_dir, **extra).items()]
     done = subprocess.run([ROBUSTMIM, "pretrain", "--nproc-per-node", str(nproc), *flags, *overrides], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
     return done.returncode, done.stdout + done.stderr
@@ -140,9 +140,9 @@ def _pretrain(shards, run_dir, *flags, nproc=2, **extra):
 @pytest.mark.slow
 def test_resume_from_a_chosen_checkpoint_continues_it_and_refuses_changed_settings(tmp_path, fashion_val_shards,
                                                                                     references):
-    """--resume PATH starts a new run_dir from another run's step_8 and continues it exactly (its
+    """--resume PATH starts a new out_dir from another run's step_8 and continues it exactly (its
     steps 9-12 are the reference's), also from moved shards with hash checks on (performance-only
-    settings); a re-run continues run_dir's own checkpoints; changed optimizer settings are refused
+    settings); a re-run continues out_dir's own checkpoints; changed optimizer settings are refused
     unless allowed; --resume none is refused where checkpoints exist."""
     chosen = references[2] / "checkpoints" / "step_00000008"
     moved = tmp_path / "moved_shards"
@@ -318,7 +318,7 @@ def test_deepspeed_clips_exactly_as_configured(clip):
     from pipeline.dist import free_port
     from pipeline.engine.trainer import deepspeed_config
 
-    cfg = load_config(PretrainConfig, None, ["run_dir=unused", "data.shards=unused", "zero_stage=1",
+    cfg = load_config(PretrainConfig, None, ["out_dir=unused", "data.shards=unused", "zero_stage=1",
                                              "global_batch=8", "micro_batch=8", f"optim.clip_grad={clip}"])
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
            "WORLD_SIZE": "1"}

@@ -26,17 +26,17 @@ def nim_export(tmp_path_factory, fashion_shards):
     """A tiny NIM autoencoder pretrained for 60 steps of 64: the denoiser and the initialization."""
     root = tmp_path_factory.mktemp("nim")
     finish(run_stage("pretrain", "configs/pretrain/nim_tiny_fmnist.yaml", {
-        **TINY, "run_dir": root / "run", "data.shards": fashion_shards, "length.samples": 64 * 60,
+        **TINY, "out_dir": root / "run", "data.shards": fashion_shards, "length.samples": 64 * 60,
         "global_batch": 64, "micro_batch": 64}))
     export_checkpoint(root / "run", root / "nim_tiny.safetensors")
     return root / "nim_tiny.safetensors"
 
 
-def recipe_settings(shards, run_dir, init, **extra) -> dict:
+def recipe_settings(shards, out_dir, init, **extra) -> dict:
     """80 steps of 64 on one rank, validated on every 5th validation image at the end. Mixup and
     erasing are off here: they slow the first hundred steps (their draws are covered by the
     resume test and tests/test_finetune_parts.py); MIMIR's attack is one step of 10/255."""
-    return {**TINY, "run_dir": run_dir, "init": init, "data.shards": shards, "length.samples": 64 * 80,
+    return {**TINY, "out_dir": out_dir, "init": init, "data.shards": shards, "length.samples": 64 * 80,
             "global_batch": 64, "micro_batch": 64, "optim.warmup_epochs": 0.01, "validation.every_steps": 80,
             "validation.every_nth": 5, "recipe.mixup.prob": 0, "recipe.random_erasing": 0,
             "recipe.mimir.steps": 1, "recipe.mimir.step_size": 10 / 255, **extra}
@@ -71,22 +71,22 @@ def validation_top1(deployed, spec, shards, every_nth, sigma=0.0) -> float:
 @pytest.mark.slow
 def test_each_recipe_learns_and_exports_its_deployed_model(tmp_path, fashion_shards, nim_export, tiny_tokenizer,
                                                            recipe, defense):
-    run_dir = tmp_path / "run"
+    out_dir = tmp_path / "run"
     out = finish(run_stage("finetune", f"configs/finetune/{recipe}_tiny_fmnist.yaml", recipe_settings(
-        fashion_shards, run_dir, nim_export, **{"recipe.de3.denoiser": nim_export,
+        fashion_shards, out_dir, nim_export, **{"recipe.de3.denoiser": nim_export,
                                                 "recipe.dat.tokenizer": tiny_tokenizer})))
     assert "initialized from" in out and "4 missing: fc_norm.bias, fc_norm.weight, head.bias, head.weight" in out
     assert out.count("initialized from") == 1  # notes from rank 0 only
     for noise in ("Setting accelerator to CPU", "OMP_NUM_THREADS", "built successfully", "all_gather_into_tensor"):
         assert noise not in out, noise  # DeepSpeed's and torchrun's chatter stays out of the console
-    validation = [r for r in read_metrics(run_dir) if "val_top1" in r]
+    validation = [r for r in read_metrics(out_dir) if "val_top1" in r]
     assert [r["step"] for r in validation] == [80] and validation[0]["val_samples"] == 2000
     assert validation[0]["val_top1"] >= 0.30, validation
     if recipe == "dat":  # the loss's terms are logged beside it: interval means of clean and adversarial CE
-        logged = [r for r in read_metrics(run_dir) if "images_per_s" in r]
+        logged = [r for r in read_metrics(out_dir) if "images_per_s" in r]
         assert all(r["loss"] == pytest.approx(r["clean"] + r["adversarial"], rel=1e-6) for r in logged), logged
 
-    info = export_checkpoint(run_dir, tmp_path / "export" / "classifier.safetensors")
+    info = export_checkpoint(out_dir, tmp_path / "export" / "classifier.safetensors")
     spec_file = tmp_path / "export" / "classifier.json"
     deployed, spec = load_deployed(spec_file)
     assert spec.method == recipe and spec.defense is defense and spec.classifier.num_classes == 10
@@ -121,9 +121,9 @@ def evaluate(model_json, shards, out) -> dict:
 TIMINGS = ("images_per_s", "mfu", "data_wait")
 
 
-def curve(run_dir) -> list[tuple]:
+def curve(out_dir) -> list[tuple]:
     """Every logged value (loss, each loss term, lr, validation) but the timings."""
-    return [tuple(sorted((k, v) for k, v in r.items() if k not in TIMINGS)) for r in read_metrics(run_dir)]
+    return [tuple(sorted((k, v) for k, v in r.items() if k not in TIMINGS)) for r in read_metrics(out_dir)]
 
 
 # DAT's recipe has every kind of draw the others have (mixup, cutmix, erasing, drop path) and
@@ -142,21 +142,21 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run(tmp_path, fashion_sha
                 "recipe.dat.tokenizer": tiny_tokenizer}
     config = f"configs/finetune/{recipe}_tiny_fmnist.yaml"
     reference = tmp_path / "reference"
-    finish(run_stage("finetune", config, {**settings, "run_dir": reference}, nproc=2))
-    run_dir = tmp_path / "run"
-    proc = run_stage("finetune", config, {**settings, "run_dir": run_dir}, nproc=2)
-    wait_for(lambda: last_step(run_dir) >= 6, proc, what="step 6")
+    finish(run_stage("finetune", config, {**settings, "out_dir": reference}, nproc=2))
+    out_dir = tmp_path / "run"
+    proc = run_stage("finetune", config, {**settings, "out_dir": out_dir}, nproc=2)
+    wait_for(lambda: last_step(out_dir) >= 6, proc, what="step 6")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (run_dir / "checkpoints" / LATEST).read_text() == "step_00000004"
-    finish(run_stage("finetune", config, {**settings, "run_dir": run_dir}, nproc=2))
-    assert curve(run_dir) == curve(reference)
-    assert len([r for r in read_metrics(run_dir) if "val_top1" in r]) == 2
+    assert (out_dir / "checkpoints" / LATEST).read_text() == "step_00000004"
+    finish(run_stage("finetune", config, {**settings, "out_dir": out_dir}, nproc=2))
+    assert curve(out_dir) == curve(reference)
+    assert len([r for r in read_metrics(out_dir) if "val_top1" in r]) == 2
 
 
 @pytest.mark.slow
 def test_bad_finetune_inputs_fail_before_training(tmp_path, fashion_shards):
-    base = {**TINY, "run_dir": tmp_path / "run", "data.shards": fashion_shards}
+    base = {**TINY, "out_dir": tmp_path / "run", "data.shards": fashion_shards}
     proc = run_stage("finetune", "configs/finetune/de3_tiny_fmnist.yaml", {**base, "recipe.de3.denoiser": ""})
     out = finish_failing(proc)
     assert "recipe de3 needs recipe.de3.denoiser" in out

@@ -34,10 +34,10 @@ class PlantedCode:
         return open, (self.marker, "w")
 
 
-def plant(run_dir, tag: str, name: str, marker) -> None:
+def plant(out_dir, tag: str, name: str, marker) -> None:
     """Replace one file of a real checkpoint with a pickle that runs code, and record its size and
     digest in the checkpoint's metadata, as a crafted directory would."""
-    tag_dir = run_dir / "checkpoints" / tag
+    tag_dir = out_dir / "checkpoints" / tag
     torch.save({"module": {}, "payload": PlantedCode(marker)}, tag_dir / name)
     meta = json.loads((tag_dir / METADATA).read_text())
     data = (tag_dir / name).read_bytes()
@@ -48,16 +48,16 @@ def plant(run_dir, tag: str, name: str, marker) -> None:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_a_checkpoint_holding_code_is_refused_by_export_and_resume(tmp_path, fashion_val_shards, references):
-    run_dir = tmp_path / "run"
-    shutil.copytree(references[1], run_dir)
+    out_dir = tmp_path / "run"
+    shutil.copytree(references[1], out_dir)
     marker = tmp_path / "code_ran"
-    plant(run_dir, "step_00000012", "mp_rank_00_model_states.pt", marker)
+    plant(out_dir, "step_00000012", "mp_rank_00_model_states.pt", marker)
 
     with pytest.raises(UserError, match=r"refusing .*step_00000012/mp_rank_00_model_states.pt: .*asks to run io.open"):
-        export_checkpoint(run_dir, tmp_path / "out.safetensors")
+        export_checkpoint(out_dir, tmp_path / "out.safetensors")
     assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
 
-    overrides = [f"{k}={v}" for k, v in settings(fashion_val_shards, run_dir, zero_stage=1).items()]
+    overrides = [f"{k}={v}" for k, v in settings(fashion_val_shards, out_dir, zero_stage=1).items()]
     resumed = subprocess.run([ROBUSTMIM, "pretrain", "--nproc-per-node", "2", *overrides], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode != 0 and "refusing" in resumed.stdout + resumed.stderr
@@ -70,20 +70,20 @@ def test_missing_latest_and_a_truncated_file_fall_back_to_the_previous_checkpoin
                                                                                   references):
     """`latest` gone and step 12's optimizer shard cut in half: the run warns, moves step 12 aside,
     resumes from step 8 and repeats steps 9-12 exactly; the log rows it replaces are kept."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(references[2], run_dir)
-    (run_dir / "checkpoints" / LATEST).unlink()
-    shard = run_dir / "checkpoints" / "step_00000012" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    out_dir = tmp_path / "run"
+    shutil.copytree(references[2], out_dir)
+    (out_dir / "checkpoints" / LATEST).unlink()
+    shard = out_dir / "checkpoints" / "step_00000012" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    old_rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    old_rows = (out_dir / "metrics.jsonl").read_text().splitlines()
 
-    out = finish(launch(fashion_val_shards, run_dir))
+    out = finish(launch(fashion_val_shards, out_dir))
     assert "checkpoints/latest is missing; resuming from the newest complete checkpoint, step_00000012" in out
     assert f"checkpoint step_00000012 is damaged: {shard} has" in out and "truncated" in out
-    assert (run_dir / "checkpoints" / "damaged" / "step_00000012" / shard.name).is_file()
-    assert curve(run_dir) == curve(references[2])
-    assert (run_dir / SUPERSEDED_FILE).read_text().splitlines() == old_rows[8:]  # steps 9-12 of the old log
-    assert (run_dir / "checkpoints" / LATEST).read_text() == "step_00000012"
+    assert (out_dir / "checkpoints" / "damaged" / "step_00000012" / shard.name).is_file()
+    assert curve(out_dir) == curve(references[2])
+    assert (out_dir / SUPERSEDED_FILE).read_text().splitlines() == old_rows[8:]  # steps 9-12 of the old log
+    assert (out_dir / "checkpoints" / LATEST).read_text() == "step_00000012"
 
 
 @pytest.fixture
@@ -106,22 +106,22 @@ def test_a_full_disk_during_a_checkpoint_save_is_a_clear_error_and_latest_stays_
                                                                                     fashion_val_shards):
     """One checkpoint of this model on one rank takes ~35 MB: the second does not fit in 48 MB."""
     mount, _ = small_disk
-    run_dir = mount / "run"
-    overrides = settings(fashion_val_shards, run_dir, **{"checkpoint.every_steps": 2, "checkpoint.keep_last": 3,
+    out_dir = mount / "run"
+    overrides = settings(fashion_val_shards, out_dir, **{"checkpoint.every_steps": 2, "checkpoint.keep_last": 3,
                                                          "length.samples": 32 * 6, "zero_stage": 1})
     result = subprocess.run([ROBUSTMIM, "pretrain", *[f"{k}={v}" for k, v in overrides.items()]], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert f"could not save checkpoint {run_dir / 'checkpoints' / 'step_00000004'}" in result.stderr
+    assert f"could not save checkpoint {out_dir / 'checkpoints' / 'step_00000004'}" in result.stderr
     assert "Traceback" not in result.stderr
-    assert (run_dir / "checkpoints" / LATEST).read_text() == "step_00000002"
+    assert (out_dir / "checkpoints" / LATEST).read_text() == "step_00000002"
 
 
 def test_a_full_disk_stops_a_shard_build_cleanly_and_the_build_resumes(small_disk, fashion_dir):
     mount, resize = small_disk
     resize(8)  # the val split's shards take ~33 MB
     out = mount / "shards"
-    command = [ROBUSTMIM, "shards", "build", "source=fashion_mnist", f"input={fashion_dir}", f"out={out}",
+    command = [ROBUSTMIM, "shards", "build", "source=fashion_mnist", f"input={fashion_dir}", f"out_dir={out}",
                "splits=[val]", "shard_max_samples=500", "workers=2"]
     full = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert full.returncode == 2 and f"writing shards into {out} failed" in full.stderr, full.stderr[-3000:]
@@ -135,7 +135,7 @@ def test_a_full_disk_stops_a_shard_build_cleanly_and_the_build_resumes(small_dis
 
 def test_shard_build_workers_end_when_the_parent_is_killed(tmp_path, fashion_dir):
     proc = subprocess.Popen([ROBUSTMIM, "shards", "build", "source=fashion_mnist", f"input={fashion_dir}",
-                             f"out={tmp_path / 'shards'}", "shard_max_samples=2000", "workers=2"],
+                             f"out_dir={tmp_path / 'shards'}", "shard_max_samples=2000", "workers=2"],
                             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parent = psutil.Process(proc.pid)
     deadline = time.monotonic() + 120

@@ -22,7 +22,7 @@ def tree(tmp_path):
 
 
 def _build_tree(tree, tmp_path, **values):
-    return build(source="imagenet", input=tree.root, out=tmp_path / "out", workers=1, **values)
+    return build(source="imagenet", input=tree.root, out_dir=tmp_path / "out", workers=1, **values)
 
 
 def test_undecodable_files_are_skipped_listed_and_counted(tree, tmp_path):
@@ -131,7 +131,7 @@ def test_malformed_label_files(flat_tree, tmp_path):
 
 def test_missing_dataset_root_and_split(tmp_path, tree):
     with pytest.raises(UserError, match=r"dataset root not found: .*missing"):
-        build(source="imagenet", input=tmp_path / "missing", out=tmp_path / "out")
+        build(source="imagenet", input=tmp_path / "missing", out_dir=tmp_path / "out")
     shutil.rmtree(tree.root / "val")
     with pytest.raises(UserError, match=r"split folder not found: .*in/val"):
         _build_tree(tree, tmp_path)
@@ -140,7 +140,7 @@ def test_missing_dataset_root_and_split(tmp_path, tree):
 def test_unwritable_output_is_an_error_naming_it(tree, tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(UserError, match=r"output directory .*a_file/shards is not writable"):
-        build(source="imagenet", input=tree.root, out=tmp_path / "a_file" / "shards")
+        build(source="imagenet", input=tree.root, out_dir=tmp_path / "a_file" / "shards")
 
 
 @pytest.fixture
@@ -155,11 +155,11 @@ def test_fashion_mnist_missing_or_damaged_files(tmp_path, fashion_copy):
     raw = gzip.decompress(labels.read_bytes())
     labels.write_bytes(gzip.compress(raw[:-10]))
     with pytest.raises(UserError, match=r"t10k-labels-idx1-ubyte.gz: 9998 bytes, the header \[10000\] implies 10008"):
-        build(source="fashion_mnist", input=fashion_copy, out=tmp_path / "out", splits="[val]")
+        build(source="fashion_mnist", input=fashion_copy, out_dir=tmp_path / "out", splits="[val]")
     labels.write_bytes(b"not gzip")
     with pytest.raises(UserError, match=r"t10k-labels-idx1-ubyte.gz: cannot read gzip"):
-        build(source="fashion_mnist", input=fashion_copy, out=tmp_path / "out", splits="[val]")
+        build(source="fashion_mnist", input=fashion_copy, out_dir=tmp_path / "out", splits="[val]")
     labels.unlink()
     with pytest.raises(UserError, match=r"Fashion-MNIST file not found: .*t10k-labels-idx1-ubyte.gz"):
-        build(source="fashion_mnist", input=fashion_copy, out=tmp_path / "out", splits="[val]")
+        build(source="fashion_mnist", input=fashion_copy, out_dir=tmp_path / "out", splits="[val]")
     assert not (tmp_path / "out" / "manifest.json").exists()

@@ -96,7 +96,7 @@ def _labels_by_source(shard_dir: Path) -> dict[str, int]:
 def test_flat_val_with_loc_solution_csv(tmp_path):
     tree = make_image_tree(tmp_path / "in", classes=3, train_per_class=2, val_per_class=3,
                            min_size=32, max_size=48, flat_val=True, seed=2)
-    build(source="imagenet", input=tree.root, out=tmp_path / "out", workers=1)
+    build(source="imagenet", input=tree.root, out_dir=tmp_path / "out", workers=1)
     assert _labels_by_source(tmp_path / "out") == {rel: tree.wnids.index(w) for rel, w in tree.val.items()}
 
 
@@ -117,7 +117,7 @@ def test_flat_val_with_devkit_ground_truth_and_meta_mat(tmp_path):
     synsets = np.array([(i + 1, w, "words", 0) for i, w in enumerate(devkit_order)] + [(4, "n99999999", "parent", 3)],
                        dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
     scipy.io.savemat(tmp_path / "meta.mat", {"synsets": synsets.reshape(-1, 1)})
-    build(source="imagenet", input=tree.root, out=tmp_path / "out", workers=1,
+    build(source="imagenet", input=tree.root, out_dir=tmp_path / "out", workers=1,
           val_labels=gt, val_synsets=tmp_path / "meta.mat")
     assert _labels_by_source(tmp_path / "out") == {rel: tree.wnids.index(w) for rel, w in tree.val.items()}
 
@@ -128,7 +128,7 @@ def test_flat_val_with_ground_truth_and_synset_text_file(tmp_path):
     devkit_order = [tree.wnids[1], tree.wnids[2], tree.wnids[0]]
     gt = _devkit_ground_truth(tree, tmp_path, devkit_order)
     (tmp_path / "synsets.txt").write_text("\n".join(devkit_order) + "\n")
-    build(source="imagenet", input=tree.root, out=tmp_path / "out", workers=1,
+    build(source="imagenet", input=tree.root, out_dir=tmp_path / "out", workers=1,
           val_labels=gt, val_synsets=tmp_path / "synsets.txt")
     assert _labels_by_source(tmp_path / "out") == {rel: tree.wnids.index(w) for rel, w in tree.val.items()}
 
@@ -138,21 +138,21 @@ def _shard_hashes(shard_dir: Path) -> dict[str, str]:
 
 
 def test_same_input_and_seed_give_identical_shards(tmp_path, image_tree, tree_shards):
-    build(source="imagenet", input=image_tree.root, out=tmp_path / "again", shard_max_samples=5, workers=1)
+    build(source="imagenet", input=image_tree.root, out_dir=tmp_path / "again", shard_max_samples=5, workers=1)
     assert _shard_hashes(tmp_path / "again") == _shard_hashes(tree_shards)
     assert (tmp_path / "again" / "skipped.jsonl").read_bytes() == (tree_shards / "skipped.jsonl").read_bytes()
-    build(source="imagenet", input=image_tree.root, out=tmp_path / "seed1", shard_max_samples=5, workers=1, seed=1)
+    build(source="imagenet", input=image_tree.root, out_dir=tmp_path / "seed1", shard_max_samples=5, workers=1, seed=1)
     assert _shard_hashes(tmp_path / "seed1") != _shard_hashes(tree_shards)
 
 
 def test_shard_size_limits(tmp_path, image_tree):
-    _, m = build(source="imagenet", input=image_tree.root, out=tmp_path / "bytes", splits="[train]",
+    _, m = build(source="imagenet", input=image_tree.root, out_dir=tmp_path / "bytes", splits="[train]",
                  shard_max_bytes=40_000, workers=2)
     shards = m.splits["train"].shards
     assert len(shards) > 2 and sum(e.samples for e in shards) == 24
     tar_record = 10240  # tarfile pads a closed archive to whole 10 KiB records
     assert all(e.bytes <= 40_000 + tar_record for e in shards if e.samples > 1)
-    _, m = build(source="imagenet", input=image_tree.root, out=tmp_path / "count", splits="[train]",
+    _, m = build(source="imagenet", input=image_tree.root, out_dir=tmp_path / "count", splits="[train]",
                  shard_max_samples=7, workers=2)
     assert [e.samples for e in m.splits["train"].shards] == [7, 7, 7, 3]
 

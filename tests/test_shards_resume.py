@@ -33,7 +33,7 @@ def _kill_after_records(proc, out, n_records: int, timeout: float = 120.0):
 
 
 def test_interrupted_build_resumes_to_identical_shards(tmp_path, fashion_dir):
-    _, reference = build(**SETTINGS, input=fashion_dir, out=tmp_path / "reference")
+    _, reference = build(**SETTINGS, input=fashion_dir, out_dir=tmp_path / "reference")
     out = tmp_path / "interrupted"
     _kill_after_records(_cli_build(out, input=fashion_dir), out, n_records=4)
 
@@ -42,7 +42,7 @@ def test_interrupted_build_resumes_to_identical_shards(tmp_path, fashion_dir):
     stat_before = {name: (out / f"{name}.tar").stat() for name in completed}
     assert 4 <= len(completed) < 20
 
-    _, resumed = build(**SETTINGS, input=fashion_dir, out=out)
+    _, resumed = build(**SETTINGS, input=fashion_dir, out_dir=out)
     for name, before in stat_before.items():  # completed shards were kept, not rewritten
         after = (out / f"{name}.tar").stat()
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
@@ -55,7 +55,7 @@ def test_interrupted_build_resumes_to_identical_shards(tmp_path, fashion_dir):
 
 def test_resume_rewrites_a_completed_shard_that_no_longer_checks(tmp_path, fashion_dir):
     out = tmp_path / "out"
-    _, first = build(**SETTINGS, input=fashion_dir, out=out)
+    _, first = build(**SETTINGS, input=fashion_dir, out_dir=out)
     damaged = out / first.splits["val"].shards[3].name
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -63,7 +63,7 @@ def test_resume_rewrites_a_completed_shard_that_no_longer_checks(tmp_path, fashi
     untouched = out / first.splits["val"].shards[4].name
     mtime = untouched.stat().st_mtime_ns
 
-    _, second = build(**SETTINGS, input=fashion_dir, out=out)
+    _, second = build(**SETTINGS, input=fashion_dir, out_dir=out)
     assert second.splits == first.splits
     assert sha256_of_file(damaged) == first.splits["val"].shards[3].sha256
     assert untouched.stat().st_mtime_ns == mtime
@@ -71,8 +71,8 @@ def test_resume_rewrites_a_completed_shard_that_no_longer_checks(tmp_path, fashi
 
 def test_rebuild_with_other_settings_leaves_no_stale_shards(tmp_path, fashion_dir):
     out = tmp_path / "out"
-    build(**SETTINGS, input=fashion_dir, out=out)
-    _, m = build(**{**SETTINGS, "shard_max_samples": 2500}, input=fashion_dir, out=out)
+    build(**SETTINGS, input=fashion_dir, out_dir=out)
+    _, m = build(**{**SETTINGS, "shard_max_samples": 2500}, input=fashion_dir, out_dir=out)
     on_disk = sorted(p.name for p in out.glob("val-*"))
     listed = sorted(n for e in m.splits["val"].shards for n in (e.name, e.index))
     assert on_disk == listed and len(m.splits["val"].shards) == 4

@@ -108,7 +108,7 @@ def test_sampled_decode_checks_a_seeded_fraction(capsys, tmp_path, fashion_dir):
     assert picked != [k for k in keys if _selected(k, 0.1, seed=1)]
 
     out = tmp_path / "fm"
-    build(source="fashion_mnist", input=fashion_dir, out=out, splits="[val]", shard_max_samples=2500, workers=2)
+    build(source="fashion_mnist", input=fashion_dir, out_dir=out, splits="[val]", shard_max_samples=2500, workers=2)
     code, _ = _verify(capsys, out, "--sample", "0.1")
     assert code == 0 and load_manifest(out).verification["decoded_fraction"] == 0.1
     assert main(["shards", "verify", str(out), "--sample", "0"]) == 2

@@ -28,14 +28,14 @@ def run_cli(*args):
     return subprocess.run([ROBUSTMIM, *map(str, args)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
 
 
-def job_report(run_dir: Path) -> str:
+def job_report(out_dir: Path) -> str:
     """What a failed assertion on a job's state prints: status, the attempts and each log's tail,
     so a failure seen once in CI can be read without rerunning it."""
-    parts = [run_cli("status", run_dir).stdout]
-    attempts = run_dir / "attempts.jsonl"
+    parts = [run_cli("status", out_dir).stdout]
+    attempts = out_dir / "attempts.jsonl"
     if attempts.exists():
         parts.append(attempts.read_text())
-    for log in sorted((run_dir / "slurm").glob("*/*_log.*")):
+    for log in sorted((out_dir / "slurm").glob("*/*_log.*")):
         parts.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))
     return "\n".join(parts)
 
@@ -67,7 +67,7 @@ def test_dry_run_prints_the_script_and_submits_nothing(slurm_cluster, tmp_path, 
         assert line in out, line
     assert not (tmp_path / "run" / "jobs.jsonl").exists()
     tokenizer = run_cli("submit", "tokenizer", "--config", "configs/tokenizer/tiny_fmnist.yaml",
-                        f"run_dir={tmp_path / 'tok'}", "--tasks-per-node", 2, "--cpus-per-task", 1, "--dry-run")
+                        f"out_dir={tmp_path / 'tok'}", "--tasks-per-node", 2, "--cpus-per-task", 1, "--dry-run")
     assert tokenizer.returncode == 0, tokenizer.stderr
     assert "# per rank: micro batch 32 x 1 accumulation step(s); global batch 64" in tokenizer.stdout
     assert "1.0M parameters" in tokenizer.stdout  # the VQGAN alone (967,441)
@@ -80,7 +80,7 @@ def test_dry_run_prints_the_script_and_submits_nothing(slurm_cluster, tmp_path, 
     (["--nodes", 2], "Requested node configuration is not available"),
 ])
 def test_bad_inputs_are_rejected_before_anything_is_queued(slurm_cluster, tmp_path, flags, message):
-    result = run_cli("submit", "check", "--run-dir", tmp_path, "--cpus-per-task", 1, "--time", 5, *flags)
+    result = run_cli("submit", "check", "--out-dir", tmp_path, "--cpus-per-task", 1, "--time", 5, *flags)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "jobs.jsonl").exists()
 
@@ -88,35 +88,35 @@ def test_bad_inputs_are_rejected_before_anything_is_queued(slurm_cluster, tmp_pa
 def test_pretraining_requeued_mid_run_finishes_like_an_uninterrupted_run(slurm_cluster, tmp_path, fashion_val_shards):
     reference = tmp_path / "reference"
     uninterrupted = launch(fashion_val_shards, reference)  # the same 2 ranks under torchrun, alongside
-    run_dir = tmp_path / "run"
-    overrides = [f"{k}={v}" for k, v in settings(fashion_val_shards, run_dir).items()]
-    job_id = submit("pretrain", run_dir, None, overrides, load_config(SlurmConfig, None, CPU_TASKS), dry_run=False)
+    out_dir = tmp_path / "run"
+    overrides = [f"{k}={v}" for k, v in settings(fashion_val_shards, out_dir).items()]
+    job_id = submit("pretrain", out_dir, None, overrides, load_config(SlurmConfig, None, CPU_TASKS), dry_run=False)
     finish(uninterrupted)
     deadline = time.monotonic() + 180
-    while not (read_metrics(run_dir) and read_metrics(run_dir)[-1]["step"] >= 6):
+    while not (read_metrics(out_dir) and read_metrics(out_dir)[-1]["step"] >= 6):
         assert time.monotonic() < deadline, "the job made no progress"
         time.sleep(0.2)
     subprocess.run(["scontrol", "requeue", job_id], check=True)
     state = wait_finished(job_id, timeout_s=300)
-    assert state == "COMPLETED", job_report(run_dir)
-    attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert state == "COMPLETED", job_report(out_dir)
+    attempts = [json.loads(line) for line in (out_dir / "attempts.jsonl").read_text().splitlines()]
     assert [a["restarts"] for a in attempts] == [0, 1]  # started twice, the second time as a requeue
-    assert curve(run_dir) == curve(reference)
-    status = run_cli("status", run_dir)
+    assert curve(out_dir) == curve(reference)
+    status = run_cli("status", out_dir)
     assert "started 2 time(s)" in status.stdout and "last checkpoint: step_00000012" in status.stdout
 
 
 def test_finetuning_job_runs_on_two_tasks_and_status_shows_its_validation(slurm_cluster, tmp_path, fashion_shards):
-    run_dir = tmp_path / "finetune"
-    overrides = [f"run_dir={run_dir}", f"data.shards={fashion_shards}", "init=", "length.samples=256",
+    out_dir = tmp_path / "finetune"
+    overrides = [f"out_dir={out_dir}", f"data.shards={fashion_shards}", "init=", "length.samples=256",
                  "global_batch=32", "micro_batch=16", "log_every=2", "data.num_threads=1",
                  "validation.every_steps=8", "validation.every_nth=50", "validation.batch_size=100"]
-    job_id = submit("finetune", run_dir, "configs/finetune/standard_tiny_fmnist.yaml", overrides,
+    job_id = submit("finetune", out_dir, "configs/finetune/standard_tiny_fmnist.yaml", overrides,
                     load_config(SlurmConfig, None, CPU_TASKS), dry_run=False)
     assert wait_finished(job_id, timeout_s=300) == "COMPLETED"
-    validation = [r for r in read_metrics(run_dir) if "val_top1" in r]
+    validation = [r for r in read_metrics(out_dir) if "val_top1" in r]
     assert [r["step"] for r in validation] == [8] and validation[0]["val_samples"] == 200  # every 50th of 10k
-    status = run_cli("status", run_dir)
+    status = run_cli("status", out_dir)
     assert f"job {job_id} (finetune, 2 task(s)" in status.stdout and "COMPLETED" in status.stdout
     assert "last validation: step 8" in status.stdout and "last checkpoint: step_00000008" in status.stdout
 
@@ -134,15 +134,15 @@ def test_array_job_completes(slurm_cluster, tmp_path):
 
 
 def test_a_failed_job_shows_its_error_and_log_in_status(slurm_cluster, tmp_path, fashion_val_shards):
-    run_dir = tmp_path / "run"
-    values = settings(fashion_val_shards, run_dir, **{"data.shards": tmp_path / "no_such_shards"})
-    job_id = submit("pretrain", run_dir, None, [f"{k}={v}" for k, v in values.items()],
+    out_dir = tmp_path / "run"
+    values = settings(fashion_val_shards, out_dir, **{"data.shards": tmp_path / "no_such_shards"})
+    job_id = submit("pretrain", out_dir, None, [f"{k}={v}" for k, v in values.items()],
                     load_config(SlurmConfig, None, CPU_TASKS), dry_run=False)
     assert wait_finished(job_id, timeout_s=120) == "FAILED"
-    status = run_cli("status", run_dir)
+    status = run_cli("status", out_dir)
     assert status.returncode == 1
     assert f"job {job_id} (pretrain, 2 task(s)" in status.stdout and "FAILED" in status.stdout
-    assert f"error log: {run_dir / 'slurm' / job_id / f'{job_id}_0_log.err'}" in status.stdout
+    assert f"error log: {out_dir / 'slurm' / job_id / f'{job_id}_0_log.err'}" in status.stdout
     assert "no manifest" in status.stdout
 
 
@@ -182,21 +182,21 @@ def test_time_limit_requeues_and_the_run_finishes_like_an_uninterrupted_run(slur
     long_run = {"length.samples": 32 * 500, "checkpoint.every_steps": 100, "log_every": 5}
     reference = tmp_path / "reference"
     uninterrupted = launch(fashion_val_shards, reference, **long_run)
-    run_dir = tmp_path / "run"
-    overrides = [f"{k}={v}" for k, v in settings(fashion_val_shards, run_dir, **long_run).items()]
+    out_dir = tmp_path / "run"
+    overrides = [f"{k}={v}" for k, v in settings(fashion_val_shards, out_dir, **long_run).items()]
     cfg = load_config(SlurmConfig, None, ["tasks_per_node=2", "cpus_per_task=1", "time=2", "signal_delay_s=30",
                                           "max_requeues=10", "cluster=slurm"])
-    job_id = submit("pretrain", run_dir, None, overrides, cfg, dry_run=False)
+    job_id = submit("pretrain", out_dir, None, overrides, cfg, dry_run=False)
     finish(uninterrupted)
     state = wait_finished(job_id, timeout_s=600, poll_s=2)
-    assert state == "COMPLETED", job_report(run_dir)
-    attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert state == "COMPLETED", job_report(out_dir)
+    attempts = [json.loads(line) for line in (out_dir / "attempts.jsonl").read_text().splitlines()]
     requeues = [a for a in attempts if "event" in a]
     assert requeues and all("checkpoint saved; requeued" in a["event"] for a in requeues)
     starts = [a for a in attempts if "event" not in a]
     assert len(starts) >= len(requeues) + 1  # each requeue was followed by a restart
-    assert curve(run_dir) == curve(reference)
-    assert f"started {len(starts)} time(s)" in run_cli("status", run_dir).stdout  # requeue events are not starts
+    assert curve(out_dir) == curve(reference)
+    assert f"started {len(starts)} time(s)" in run_cli("status", out_dir).stdout  # requeue events are not starts
 
 
 def test_two_node_job_on_one_machine(tmp_path, monkeypatch):

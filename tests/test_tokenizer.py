@@ -29,8 +29,8 @@ def recon_mse(model: VQGAN, images: torch.Tensor) -> float:
 # Measured (100 steps of 32, one rank): val MSE 0.023-0.03 in [0, 1] pixels against 0.16-0.2 for
 # the untrained network; ~150-200 of 256 codes in use (perplexity ~100+).
 def test_the_tiny_tokenizer_reconstructs_far_better_than_an_untrained_one(tiny_tokenizer, fashion_shards):
-    run_dir = tiny_tokenizer.parent / "run"
-    validation = [r for r in read_metrics(run_dir) if "val_recon_mse" in r]
+    out_dir = tiny_tokenizer.parent / "run"
+    validation = [r for r in read_metrics(out_dir) if "val_recon_mse" in r]
     assert [r["step"] for r in validation] == [TOKENIZER_STEPS] and validation[0]["val_samples"] == 1000
     trained = load_tokenizer(tiny_tokenizer)
     assert not any(p.requires_grad for p in trained.parameters()) and not trained.training
@@ -63,20 +63,20 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run(tmp_path, fashion_sha
                 "loss.perceptual_weights": f"[{','.join(map(str, lpips_weights))}]"}
     reference = tmp_path / "reference"
     one_thread = {"OMP_NUM_THREADS": "1"}
-    finish(run_stage("tokenizer", TOKENIZER_CONFIG, {**settings, "run_dir": reference}, env=one_thread))
-    run_dir = tmp_path / "run"
-    proc = run_stage("tokenizer", TOKENIZER_CONFIG, {**settings, "run_dir": run_dir}, env=one_thread)
-    wait_for(lambda: (run_dir / "checkpoints" / LATEST).is_file() and len(read_metrics(run_dir)) >= 5, proc,
+    finish(run_stage("tokenizer", TOKENIZER_CONFIG, {**settings, "out_dir": reference}, env=one_thread))
+    out_dir = tmp_path / "run"
+    proc = run_stage("tokenizer", TOKENIZER_CONFIG, {**settings, "out_dir": out_dir}, env=one_thread)
+    wait_for(lambda: (out_dir / "checkpoints" / LATEST).is_file() and len(read_metrics(out_dir)) >= 5, proc,
              what="step 5")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (run_dir / "checkpoints" / LATEST).read_text() == "step_00000004"
-    finish(run_stage("tokenizer", TOKENIZER_CONFIG, {**settings, "run_dir": run_dir}, env=one_thread))
+    assert (out_dir / "checkpoints" / LATEST).read_text() == "step_00000004"
+    finish(run_stage("tokenizer", TOKENIZER_CONFIG, {**settings, "out_dir": out_dir}, env=one_thread))
 
     def curve(run):
         return [(r["step"], r["loss"], r["lr"]) for r in read_metrics(run)]
 
-    assert curve(run_dir) == curve(reference) and len(curve(reference)) == 10
+    assert curve(out_dir) == curve(reference) and len(curve(reference)) == 10
     records = read_metrics(reference)
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in records])))
     assert all(r["perceptual"] > 0 and r["adversarial_factor"] > 0 for r in records)

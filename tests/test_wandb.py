@@ -20,21 +20,21 @@ def logged_losses(attempts: list[list[dict]]) -> list[tuple]:
 
 @pytest.mark.slow
 def test_a_rerun_continues_the_wandb_run_and_a_branch_starts_its_own(tmp_path, fashion_val_shards):
-    run_dir = tmp_path / "run"
-    out = finish(launch(fashion_val_shards, run_dir, nproc=1, **{"length.samples": 32 * 8, **OFFLINE}))
-    finish(launch(fashion_val_shards, run_dir, nproc=1, **OFFLINE))  # 12 steps now: continues from step 8
-    ids = {json.loads((tag / METADATA).read_text())["run_id"] for tag in (run_dir / "checkpoints").glob("step_*")}
+    out_dir = tmp_path / "run"
+    out = finish(launch(fashion_val_shards, out_dir, nproc=1, **{"length.samples": 32 * 8, **OFFLINE}))
+    finish(launch(fashion_val_shards, out_dir, nproc=1, **OFFLINE))  # 12 steps now: continues from step 8
+    ids = {json.loads((tag / METADATA).read_text())["run_id"] for tag in (out_dir / "checkpoints").glob("step_*")}
     assert len(ids) == 1, ids
     (run_id,) = ids
     assert f"W&B run {run_id} of project robustmim" in out
-    runs = wandb_offline_runs(run_dir)
+    runs = wandb_offline_runs(out_dir)
     assert list(runs) == [run_id] and len(runs[run_id]) == 2  # two attempts, one W&B run
-    metrics = [(r["step"], r["loss"]) for r in read_metrics(run_dir)]
+    metrics = [(r["step"], r["loss"]) for r in read_metrics(out_dir)]
     assert logged_losses(runs[run_id]) == metrics and [s for s, _ in metrics] == list(range(1, 13))
 
     branch = tmp_path / "branch"
     finish(launch(fashion_val_shards, branch, nproc=1,
-                  **{"checkpoint.resume": run_dir / "checkpoints" / "step_00000008", **OFFLINE}))
+                  **{"checkpoint.resume": out_dir / "checkpoints" / "step_00000008", **OFFLINE}))
     branched = wandb_offline_runs(branch)
     assert len(branched) == 1 and run_id not in branched
     (attempts,) = branched.values()

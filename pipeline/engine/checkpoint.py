@@ -1,6 +1,6 @@
 """Sharded DeepSpeed checkpoints that only become visible when complete.
 
-Layout: <run_dir>/checkpoints/step_NNNNNNNN/ (DeepSpeed's shards, plus `robustmim.json`: step,
+Layout: <out_dir>/checkpoints/step_NNNNNNNN/ (DeepSpeed's shards, plus `robustmim.json`: step,
 samples seen, world size, stage, config hash, the run's id) and `latest`, naming the newest complete tag. Every
 rank writes its shards; after a barrier rank 0 writes robustmim.json, then replaces `latest`
 atomically, then prunes all but the last `keep_last` tags. A crash at any point leaves
@@ -73,8 +73,8 @@ def warn(text: str) -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, keep_last: int, rank: int, world_size: int, stage: str = "pretrain"):
-        self.dir = Path(run_dir) / CHECKPOINTS_DIR
+    def __init__(self, out_dir: str | Path, keep_last: int, rank: int, world_size: int, stage: str = "pretrain"):
+        self.dir = Path(out_dir) / CHECKPOINTS_DIR
         self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
         self.stage = stage  # recorded in every checkpoint's metadata: `robustmim export` dispatches on it
 
@@ -105,7 +105,7 @@ class Checkpointer:
         if choice == "none":
             if own:
                 raise UserError(f"checkpoint.resume=none, but {self.dir} holds checkpoints (newest {own[0]}): choose "
-                                f"another run_dir, or resume=latest to continue them")
+                                f"another out_dir, or resume=latest to continue them")
             return None
         if choice == "latest":
             return self._choose()

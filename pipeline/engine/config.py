@@ -61,10 +61,10 @@ class OptimConfig:
 class CheckpointConfig:
     every_steps: int = 1000  # also on SIGTERM / SIGUSR1 and at the end
     keep_last: int = 3  # checkpoints kept (older ones go once a newer one is complete)
-    # latest: continue from <run_dir>/checkpoints/latest when there is one (what a requeued job
-    # does); none: start at step 0, refused when run_dir already holds checkpoints (nothing is
-    # overwritten); or a step_* directory (any run's): start from it when run_dir holds none of
-    # its own, else continue from run_dir's latest (a requeue of that run).
+    # latest: continue from <out_dir>/checkpoints/latest when there is one (what a requeued job
+    # does); none: start at step 0, refused when out_dir already holds checkpoints (nothing is
+    # overwritten); or a step_* directory (any run's): start from it when out_dir holds none of
+    # its own, else continue from out_dir's latest (a requeue of that run).
     resume: str = "latest"
     # Resuming a checkpoint saved under other optim, data, seed, batch or model settings is
     # refused, naming them; true continues anyway (e.g. a moved shard directory).
@@ -97,14 +97,14 @@ class WandbMode(enum.Enum):
 
 @dataclass
 class LoggingConfig:
-    """Where rank 0's metrics go besides <run_dir>/metrics.jsonl and <run_dir>/tensorboard/."""
+    """Where rank 0's metrics go besides <out_dir>/metrics.jsonl and <out_dir>/tensorboard/."""
 
-    # Also to Weights & Biases (`pip install wandb`): one W&B run per run_dir, its id kept in every
+    # Also to Weights & Biases (`pip install wandb`): one W&B run per out_dir, its id kept in every
     # checkpoint, so a requeued or re-run job continues the same W&B run.
     wandb: bool = False
     wandb_project: str = "robustmim"  # the W&B project the run goes to
     wandb_entity: str = ""  # the W&B team or user; empty: the logged-in account's default
-    # online needs `wandb login` or WANDB_API_KEY; offline writes <run_dir>/wandb/ for a later
+    # online needs `wandb login` or WANDB_API_KEY; offline writes <out_dir>/wandb/ for a later
     # `wandb sync` (compute nodes without network). A WANDB_MODE environment variable wins.
     wandb_mode: WandbMode = WandbMode.online
 
@@ -115,8 +115,9 @@ class EngineConfig:
 
     # Sections whose change makes a checkpoint a different run (reported on resume).
     hashed_sections: ClassVar[tuple[str, ...]] = ("optim", "data", "seed", "global_batch", "micro_batch")
+    renamed_keys: ClassVar[dict[str, str]] = {"run_dir": "out_dir"}  # one output-directory name across stages
 
-    run_dir: str = MISSING  # checkpoints, metrics.jsonl, tensorboard/, config.yaml; a re-run resumes it
+    out_dir: str = MISSING  # checkpoints, metrics.jsonl, tensorboard/, config.yaml; a re-run resumes it
     seed: int = 0  # initial weights and every per-step draw (masks, noise, attacks)
     data: LoaderConfig = field(default_factory=LoaderConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

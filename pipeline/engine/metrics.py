@@ -29,9 +29,9 @@ METRICS_FILE = "metrics.jsonl"
 SUPERSEDED_FILE = "metrics.superseded.jsonl"
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
+def read_metrics(out_dir: str | Path) -> list[dict]:
     """The logged rows; a last line cut short by a killed writer is left out."""
-    path = Path(run_dir) / METRICS_FILE
+    path = Path(out_dir) / METRICS_FILE
     if not path.is_file():
         return []
     text = path.read_text()
@@ -64,13 +64,13 @@ class Progress:
 
 
 class TensorBoardSink:
-    """<run_dir>/tensorboard/, events after `start_step` purged (a resumed run's curve continues
+    """<out_dir>/tensorboard/, events after `start_step` purged (a resumed run's curve continues
     the checkpoint's, not the killed attempt's tail)."""
 
-    def __init__(self, run_dir: Path, start_step: int):
+    def __init__(self, out_dir: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
 
     def add(self, scalars: dict[str, float], step: int) -> None:
         for key, value in scalars.items():
@@ -85,7 +85,7 @@ class WandbSink:
     requeued or re-run job continues it. Every chart's x-axis is the training step (W&B's own
     step counts calls, which a resume would repeat)."""
 
-    def __init__(self, cfg, run_dir: Path, run_id: str, stage: str, config: dict):
+    def __init__(self, cfg, out_dir: Path, run_id: str, stage: str, config: dict):
         try:
             import wandb
         except ImportError:
@@ -93,14 +93,14 @@ class WandbSink:
         mode = os.environ.get("WANDB_MODE") or cfg.wandb_mode.value
         try:
             self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None, id=run_id,
-                                  resume="allow", dir=str(run_dir), mode=mode, name=run_dir.name, job_type=stage,
+                                  resume="allow", dir=str(out_dir), mode=mode, name=out_dir.name, job_type=stage,
                                   config=config, settings=wandb.Settings(console="off", quiet=True))
         except Exception as e:  # noqa: BLE001 - W&B's errors (no login, no network) name no key of ours
             raise UserError(f"W&B could not start run {run_id} (mode {mode}): {e}; log in (`wandb login` or "
                             f"WANDB_API_KEY) or set logging.wandb_mode=offline") from None
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
-        where = self.run.url if mode == "online" else f"{run_dir / 'wandb'} (upload with `wandb sync`)"
+        where = self.run.url if mode == "online" else f"{out_dir / 'wandb'} (upload with `wandb sync`)"
         log.info(f"W&B run {run_id} of project {cfg.wandb_project}: {where}")
 
     def add(self, scalars: dict[str, float], step: int) -> None:
@@ -110,31 +110,31 @@ class WandbSink:
         self.run.finish()
 
 
-def scalar_sinks(cfg, run_dir: Path, start_step: int, stage: str, run_id: str) -> list:
+def scalar_sinks(cfg, out_dir: Path, start_step: int, stage: str, run_id: str) -> list:
     """The sinks `cfg.logging` asks for, on the main rank: TensorBoard always, W&B optionally."""
     from omegaconf import OmegaConf
 
-    sinks: list = [TensorBoardSink(run_dir, start_step)]
+    sinks: list = [TensorBoardSink(out_dir, start_step)]
     if cfg.logging.wandb:
         config = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
-        sinks.append(WandbSink(cfg.logging, run_dir, run_id, stage, config))
+        sinks.append(WandbSink(cfg.logging, out_dir, run_id, stage, config))
     return sinks
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, total_steps: int, stage: str,
+    def __init__(self, out_dir: str | Path, enabled: bool, start_step: int, total_steps: int, stage: str,
                  sinks=None):
         """`sinks`: a callable returning the scalar sinks (built on the main rank only)."""
         self.enabled, self.stage = enabled, stage
-        self.path = Path(run_dir) / METRICS_FILE
+        self.path = Path(out_dir) / METRICS_FILE
         self.start_step, self.total_steps = start_step, total_steps
         self.started = time.perf_counter()
         if not enabled:
             return
-        rows = read_metrics(run_dir)
+        rows = read_metrics(out_dir)
         cut = [r for r in rows if r["step"] > start_step]
         if cut:
-            with open(Path(run_dir) / SUPERSEDED_FILE, "a") as f:
+            with open(Path(out_dir) / SUPERSEDED_FILE, "a") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in cut))
                 f.flush()
                 os.fsync(f.fileno())
@@ -144,7 +144,7 @@ class MetricsLog:
             else:
                 log.warning(note)
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
-        self.sinks = sinks() if sinks else [TensorBoardSink(Path(run_dir), start_step)]
+        self.sinks = sinks() if sinks else [TensorBoardSink(Path(out_dir), start_step)]
         self.progress = Progress(total_steps, start_step, "step", "step")
 
     def log(self, record: dict) -> None:

@@ -1,4 +1,4 @@
-"""`<run_dir>/run_state.json`: how a training run's last attempt ended, written by rank 0.
+"""`<out_dir>/run_state.json`: how a training run's last attempt ended, written by rank 0.
 
 `{"state": "running" | "finished" | "stopped", "step", "total_steps", "stopped_by", "time"}`.
 A launcher that only sees torchrun's exit status (which folds every rank's into 0 or 1) reads it
@@ -16,13 +16,13 @@ from robustmim.fileio import atomic_write_json
 RUN_STATE_FILE = "run_state.json"
 
 
-def write_run_state(run_dir: str | Path, state: str, step: int, total_steps: int, stopped_by: str | None) -> None:
-    atomic_write_json(Path(run_dir) / RUN_STATE_FILE, {"state": state, "step": step, "total_steps": total_steps,
+def write_run_state(out_dir: str | Path, state: str, step: int, total_steps: int, stopped_by: str | None) -> None:
+    atomic_write_json(Path(out_dir) / RUN_STATE_FILE, {"state": state, "step": step, "total_steps": total_steps,
                                                       "stopped_by": stopped_by, "time": time.time()})
 
 
-def read_run_state(run_dir: str | Path) -> dict:
+def read_run_state(out_dir: str | Path) -> dict:
     try:
-        return json.loads((Path(run_dir) / RUN_STATE_FILE).read_text())
+        return json.loads((Path(out_dir) / RUN_STATE_FILE).read_text())
     except (OSError, ValueError):
         return {}

@@ -155,20 +155,20 @@ class Trainer:
         self.split_size = shards.total
         self.total_steps = cfg.length.steps(shards.total, cfg.global_batch)
         warmup_steps = round(cfg.optim.warmup_epochs * shards.total / cfg.global_batch)
-        self.run_dir = Path(cfg.run_dir)
-        self.lock = DirectoryLock(self.run_dir, f"robustmim {task.stage}")
+        self.out_dir = Path(cfg.out_dir)
+        self.lock = DirectoryLock(self.out_dir, f"robustmim {task.stage}")
         refusal = None
         if env.is_main:  # one writer per run directory, held until this run ends
             try:
                 self.lock.acquire()
-                write_provenance(self.run_dir, cfg, task.stage)
+                write_provenance(self.out_dir, cfg, task.stage)
             except UserError as e:
                 refusal = e
         refusal = broadcast_object(refusal)
         if refusal is not None:
             raise refusal
 
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last, env.rank, env.world_size, task.stage)
+        self.checkpointer = Checkpointer(self.out_dir, cfg.checkpoint.keep_last, env.rank, env.world_size, task.stage)
         resume = self.checkpointer.resume_point(cfg.checkpoint.resume)
         # One id per run, kept in every checkpoint: a requeued or re-run job carries it on (its W&B
         # run continues); a branch from another run's checkpoint is a run of its own.
@@ -212,7 +212,7 @@ class Trainer:
         if changed and not self.cfg.checkpoint.allow_config_change:  # the same on every rank: all stop
             raise UserError(f"{self.checkpointer.source_of(point) / point.tag} was saved under other settings of: "
                             f"{', '.join(changed)}; resume it anyway with checkpoint.allow_config_change=true, or "
-                            f"start a new run_dir")
+                            f"start a new out_dir")
         if changed:
             log.info(f"note: resuming {point.tag} with changed config section(s): {', '.join(changed)}")
         if point.elastic:  # a new world size: a fresh, deterministic stream (see checkpoint.py)
@@ -251,8 +251,8 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, env = self.cfg, self.env
-        log = MetricsLog(self.run_dir, env.is_main, self.step, self.total_steps, self.task.stage,
-                         lambda: scalar_sinks(cfg, self.run_dir, self.step, self.task.stage, self.run_id))
+        log = MetricsLog(self.out_dir, env.is_main, self.step, self.total_steps, self.task.stage,
+                         lambda: scalar_sinks(cfg, self.out_dir, self.step, self.task.stage, self.run_id))
         stop = StopRequest()
         saved_at, stopped_by = self.step if self.step else None, None
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -305,7 +305,7 @@ class Trainer:
             if stopped_by:
                 log.note(f"stopped by {stopped_by} at step {self.step}; checkpoint saved, resume by re-running")
             if env.is_main:
-                write_run_state(self.run_dir, "stopped" if stopped_by else "finished", self.step, self.total_steps,
+                write_run_state(self.out_dir, "stopped" if stopped_by else "finished", self.step, self.total_steps,
                                 stopped_by)
         finally:
             stop.restore()
