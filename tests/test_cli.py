@@ -39,9 +39,15 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert result.returncode == 2 and "no manifest: " in result.stderr and "Traceback" not in result.stderr
 
 
-def test_help_lists_the_stages():
+def test_help_lists_every_stage_with_its_own_help_line():
+    from robustmim.stages import STAGES
+
     result = run("--help")
-    assert result.returncode == 0 and "shards" in result.stdout
+    assert result.returncode == 0
+    shown = " ".join(result.stdout.split())  # argparse wraps long help lines
+    for stage in STAGES:
+        if stage.add_arguments is not None:  # a command of its own
+            assert f" {stage.name} {' '.join(stage.help.split())}" in shown, (stage.name, result.stdout)
 
 
 def test_a_single_process_run_picks_a_free_port_unless_one_is_given():

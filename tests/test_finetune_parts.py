@@ -68,6 +68,24 @@ def test_a_checkpoint_lacking_encoder_keys_is_refused(tmp_path):
         load_pretrained_encoder(ViTClassifier(tiny_classifier_config()), path)
 
 
+def test_the_lr_warms_up_linearly_then_follows_a_cosine_down_to_min_lr():
+    """10 warmup and 110 total steps at peak 2e-3 (base_lr 1e-3 at batch 512), min_lr 1e-5:
+    the expected values are written out here, not taken from the schedule's code."""
+    param = torch.nn.Parameter(torch.zeros(2))
+    optim = load_config(FinetuneOptimConfig, None, ["base_lr=1e-3", "min_lr=1e-5", "layer_decay=1.0"])
+    optimizer, scheduler = build_optimizer([{"params": [param], "lr_scale": 1.0}], optim, 512, 10, 110)
+    lrs = []
+    for _ in range(121):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 0 and lrs[4] == pytest.approx(0.8e-3) and lrs[10] == pytest.approx(2e-3)
+    assert lrs[35] == pytest.approx(1e-5 + (2e-3 - 1e-5) * (1 + 0.7071067811865476) / 2)  # a quarter: cos(pi/4)
+    assert lrs[60] == pytest.approx((2e-3 + 1e-5) / 2)  # halfway: the mean of peak and floor
+    assert lrs[110] == pytest.approx(1e-5) and lrs[120] == pytest.approx(1e-5)  # and it stays there
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
 def test_layer_decay_gives_each_block_its_lr():
     model = ViTClassifier(tiny_classifier_config())
     optim = load_config(FinetuneOptimConfig, None, ["layer_decay=0.75", "base_lr=1e-3", "min_lr=0"])
