@@ -64,3 +64,16 @@ def test_mae_vit_large_is_about_124_gflops_per_image():
     assert mae == pytest.approx(124e9, rel=0.03)
     nim = training_flops_per_image(cfg, load_config(ObjectiveConfig, None, ["name=nim"]), 64)
     assert nim / mae > 3  # the encoder sees all 196 tokens instead of 49
+
+
+def test_the_fused_attention_backward_factor_is_what_flop_counter_mode_counts_for_flash_kernels():
+    """FlopCounterMode's formulas for the flash / memory-efficient / cuDNN kernels (which it
+    counts on GPUs; the CPU's fused kernel it does not): the backward recomputes the scores and
+    runs four more matmuls, 2.5 times the forward's two, for ViT-L's and the tiny ViT's shapes."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    from pipeline.flops import FUSED_ATTENTION_BACKWARD
+
+    for shape in ((64, 16, 50, 64), (8, 3, 17, 64)):  # batch, heads, tokens, head dim
+        assert sdpa_backward_flop_count(shape, shape, shape, shape) == \
+            FUSED_ATTENTION_BACKWARD * sdpa_flop_count(shape, shape, shape)
