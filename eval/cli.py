@@ -46,10 +46,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
     one_task = args.rank is not None
     if one_task != (args.world_size is not None) or (one_task and not 0 <= args.rank < args.world_size):
         raise UserError("--rank and --world-size go together, with 0 <= rank < world size")
-    status = launch_local_ranks("eval", args.nproc_per_node, args.config, overrides)
+    status = launch_local_ranks("eval", args.nproc_per_node, args.config, overrides,
+                                on_crash=lambda: explain_failed_ranks("eval", cfg.shards, cfg.split))
     if status is not None:
-        if status != 0:
-            explain_failed_ranks("eval", cfg.shards, cfg.split)
         return status
     result = run_eval(cfg, args.rank, args.world_size)
     if result["summary"]:

@@ -41,7 +41,8 @@ def run_training(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(f"--nproc-per-node {args.nproc_per_node}: {e}") from None
     launched = time.time()
-    status = launch_local_ranks(stage, args.nproc_per_node, args.config, args.overrides)
+    status = launch_local_ranks(stage, args.nproc_per_node, args.config, args.overrides,
+                                on_crash=lambda: explain_failed_ranks(stage, cfg.data.shards, cfg.data.split))
     if status is not None:  # the ranks ran in torchrun's children and said what they had to
         state = read_run_state(cfg.out_dir)
         stopped = state.get("state") == "stopped" and state.get("time", 0) >= launched
@@ -49,8 +50,6 @@ def run_training(args: argparse.Namespace) -> int:
             print(f"{stage}: stopped by {state['stopped_by']} at step {state['step']}/{state['total_steps']} "
                   f"(exit status {EXIT_STOPPED}); re-run the same command to resume", file=sys.stderr, flush=True)
             return EXIT_STOPPED
-        if status != 0:
-            explain_failed_ranks(stage, cfg.data.shards, cfg.data.split)
         return status
     result = train(cfg)
     if detect_env().rank == 0:

@@ -11,6 +11,7 @@ import os
 import sys
 
 from robustmim.errors import UserError
+from robustmim.launcher import record_rank_failure
 from robustmim.log import quiet_libraries, setup_logging
 from robustmim.stages import STAGES, Stage, commands, resolve
 
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except UserError as e:
         print(f"robustmim {args.command}: error: {e}", file=sys.stderr)
+        record_rank_failure(e)
         return 2
     except KeyboardInterrupt:
         print(f"robustmim {args.command}: interrupted", file=sys.stderr)

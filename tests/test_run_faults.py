@@ -147,3 +147,30 @@ def test_shard_build_workers_end_when_the_parent_is_killed(tmp_path, fashion_dir
     proc.wait()
     gone, alive = psutil.wait_procs(workers, timeout=15)
     assert not alive, f"workers still running after their parent died: {[p.pid for p in alive]}"
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_shards_are_hashed_after_a_killed_rank_but_not_after_a_rank_error(tmp_path, fashion_val_shards):
+    """A rank killed outright (here SIGKILL, as the OOM killer or a decoder crash ends one) leaves
+    no message: the launching command checks the shards. A rank that failed with an error said
+    why, and the shards (ImageNet: hours of hashing) are left alone."""
+    proc = launch(fashion_val_shards, tmp_path / "killed", **{"length.samples": 32 * 400})
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "killed" / "metrics.jsonl").is_file():  # training has started on both ranks
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-2000:]
+        time.sleep(0.05)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "robustmim.cli" in " ".join(p.cmdline())]
+    assert len(ranks) == 2, [p.cmdline() for p in ranks]
+    ranks[1].send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "a rank was killed without an error message; checking the sha256" in out, out[-3000:]
+    assert "damaged shards" not in out  # they are intact
+
+    failed = subprocess.run([ROBUSTMIM, "pretrain", "--nproc-per-node", "2",
+                             *[f"{k}={v}" for k, v in settings(tmp_path / "missing", tmp_path / "error").items()]],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    out = failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "robustmim pretrain: error:" in out and "missing" in out, out[-3000:]
+    assert "checking the sha256" not in out
