@@ -39,8 +39,8 @@ def _define_missing_torchvision_schemas() -> bool:
     return True
 
 
-TORCHVISION_OPS_STUBBED = _define_missing_torchvision_schemas()
+_define_missing_torchvision_schemas()
 
 import timm  # noqa: E402  (after the schemas exist)
 
-__all__ = ["timm", "TORCHVISION_OPS_STUBBED"]
+__all__ = ["timm"]

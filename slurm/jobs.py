@@ -11,10 +11,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import subprocess
-import time
 from pathlib import Path
 
-from robustmim.errors import UserError
 
 JOBS_FILE = "jobs.jsonl"
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -53,14 +51,3 @@ def job_state(job_id: str) -> str:
                 return field.split("=", 1)[1]
     return "UNKNOWN"
 
-
-def wait_finished(job_id: str, timeout_s: float, poll_s: float = 1.0) -> str:
-    """Poll until the job is in a final state; returns it. UserError on timeout."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        state = job_state(job_id)
-        if state in FINISHED:
-            return state
-        if time.monotonic() > deadline:
-            raise UserError(f"job {job_id} still {state} after {timeout_s:.0f} s")
-        time.sleep(poll_s)

@@ -140,3 +140,16 @@ def wandb_offline_runs(out_dir) -> dict[str, list[list[dict]]]:
                                  for item in record.history.item})
         runs.setdefault(attempt.name.rsplit("-", 1)[1], []).append(rows)
     return runs
+
+
+def wait_finished(job_id: str, timeout_s: float, poll_s: float = 1.0) -> str:
+    """Poll Slurm until the job is in a final state; returns it (fails the test on timeout)."""
+    from slurm.jobs import FINISHED, job_state
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = job_state(job_id)
+        if state in FINISHED:
+            return state
+        assert time.monotonic() < deadline, f"job {job_id} still {state} after {timeout_s:.0f} s"
+        time.sleep(poll_s)

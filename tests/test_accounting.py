@@ -4,12 +4,13 @@ import os
 import socket
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from robustmim.config import load_config
 from robustmim.errors import ConfigError
-from pipeline.data.accounting import RunLength, samples_seen_total
+from pipeline.data.accounting import RunLength
 from pipeline.data.config import LoaderConfig
 from pipeline.data.dali import DaliLoader
 
@@ -35,7 +36,9 @@ def _rank_main(rank: int, world_size: int, port: int, shards: str, results) -> N
         names = [s for _ in range(7 + rank) for s in next(loader).sources]  # ranks at different steps
         gathered = [None] * world_size
         dist.all_gather_object(gathered, names)
-        results[rank] = (loader.samples_seen, samples_seen_total(loader.samples_seen), gathered)
+        total = torch.tensor([loader.samples_seen])
+        dist.all_reduce(total)  # what a run's sample count over all ranks is
+        results[rank] = (loader.samples_seen, int(total), gathered)
     finally:
         dist.destroy_process_group()
 

@@ -12,11 +12,11 @@ from submitit.slurm.slurm import SlurmJob
 from robustmim.config import load_config
 from pipeline.engine.metrics import read_metrics
 from slurm.config import SlurmConfig
-from slurm.jobs import read_submissions, wait_finished
+from slurm.jobs import read_submissions
 from slurm.launch import submit, submit_array
 
 from conftest import REPO_ROOT
-from helpers import curve, finish, launch, settings, tiny_classifier_config
+from helpers import curve, finish, launch, settings, tiny_classifier_config, wait_finished
 
 pytestmark = pytest.mark.slurm  # every test here submits to the real Slurm cluster the session starts
 

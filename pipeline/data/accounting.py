@@ -1,4 +1,4 @@
-"""A run's length in samples, and samples seen per rank and in total.
+"""A run's length in samples (or epochs of the split).
 
 Runs are specified in samples (or in epochs of the split, turned into samples with the
 manifest's count), never in loader epochs: training streams are endless and every rank draws
@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
 
 
 @dataclass
@@ -30,12 +28,3 @@ class RunLength:
     def steps(self, split_size: int, global_batch: int) -> int:
         return math.ceil(self.total_samples(split_size) / global_batch)
 
-
-def samples_seen_total(samples_seen_on_rank: int) -> int:
-    """Sum of every rank's count. A collective and a host sync: call it at logging intervals."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return samples_seen_on_rank
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    count = torch.tensor([samples_seen_on_rank], dtype=torch.int64, device=device)
-    dist.all_reduce(count)
-    return int(count.item())

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 TIME_LIMIT_WARNINGS = ("SIGUSR1", "SIGUSR2")
 
@@ -22,13 +19,6 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank received a stop signal (a collective: call on all ranks)."""
-        flag = torch.tensor([1 if self.signal_name else 0], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
