@@ -73,7 +73,7 @@ def warn(text: str) -> None:
 
 
 class Checkpointer:
-    def __init__(self, out_dir: str | Path, keep_last: int, rank: int, world_size: int, stage: str = "pretrain"):
+    def __init__(self, out_dir: str | Path, keep_last: int, rank: int, world_size: int, stage: str):
         self.dir = Path(out_dir) / CHECKPOINTS_DIR
         self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
         self.stage = stage  # recorded in every checkpoint's metadata: `robustmim export` dispatches on it
