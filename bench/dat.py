@@ -26,8 +26,9 @@ from pipeline.finetune.recipes import build_recipe
 from pipeline.finetune.task import FinetuneModule, finetune_flops_per_image
 from pipeline.flops import PEAK_TFLOPS_DENSE_BF16, vqgan_flops
 from pipeline.models.classifier import ViTClassifier
-from pipeline.models.vqgan import PRESETS, VQGAN, reconstruct
-from pipeline.objectives import step_generator
+from pipeline.models.config import PRESETS
+from pipeline.models.vqgan import VQGAN, reconstruct
+from pipeline.objectives.base import step_generator
 from pipeline.tokenizer.config import TokenizerConfig
 
 TINY_TOKENIZER = "configs/tokenizer/tiny_fmnist.yaml"

@@ -42,7 +42,9 @@ def worker(args) -> None:
     from pipeline.engine.trainer import deepspeed_config
     from pipeline.models.config import ModelConfig
     from pipeline.models.mae import MaskedAutoencoder
-    from pipeline.objectives import ObjectiveConfig, build_objective, step_generator
+    from pipeline.objectives.base import step_generator
+    from pipeline.objectives.config import ObjectiveConfig
+    from pipeline.objectives.registry import build_objective
 
     env = detect_env()
     on_gpu = torch.cuda.is_available()

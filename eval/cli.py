@@ -32,13 +32,13 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from robustmim.launcher import explain_failed_ranks, launch_local_ranks
     from eval.config import EvalConfig
 
-    from eval.runner import finalize, run_eval
-
     overrides = eval_overrides(args)
     if args.print_config:
         print(describe_config(EvalConfig, args.config, overrides), end="")
         return 0
     if args.merge_only:  # needs only the output directory
+        from eval.runner import finalize
+
         out_dir = args.out or load_config(EvalConfig, args.config, overrides).out_dir
         print_summary(finalize(out_dir), out_dir)
         return 0
@@ -50,6 +50,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
                                 on_crash=lambda: explain_failed_ranks("eval", cfg.shards, cfg.split))
     if status is not None:
         return status
+    from eval.runner import run_eval  # torch, DALI and the attacks: the ranks' imports, not a launcher's
+
     result = run_eval(cfg, args.rank, args.world_size)
     if result["summary"]:
         print_summary(result["summary"], cfg.out_dir)

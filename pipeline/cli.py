@@ -29,7 +29,7 @@ def run_training(args: argparse.Namespace) -> int:
     from pipeline.engine.run_state import read_run_state
 
     stage = args.command
-    config_class, train = resolve(stage_named(stage).config), resolve(stage_named(stage).train)
+    config_class = resolve(stage_named(stage).config)
     args.overrides = with_resume(args.overrides, args.resume)
     if args.print_config:
         print(describe_config(config_class, args.config, args.overrides), end="")
@@ -51,7 +51,9 @@ def run_training(args: argparse.Namespace) -> int:
                   f"(exit status {EXIT_STOPPED}); re-run the same command to resume", file=sys.stderr, flush=True)
             return EXIT_STOPPED
         return status
-    result = train(cfg)
+    # the training code (torch, DeepSpeed, DALI) is imported here, by the ranks, not by a launching
+    # command: it would cost seconds before every launch
+    result = resolve(stage_named(stage).train)(cfg)
     if detect_env().rank == 0:
         print(f"{stage}: step {result['step']}/{result['total_steps']}, {result['samples_seen']} samples, "
               f"checkpoint {cfg.out_dir}/checkpoints/{result['checkpoint']}", flush=True)

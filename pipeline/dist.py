@@ -4,6 +4,10 @@
 torch.distributed (gloo on CPU, NCCL on GPU) on top of it, with no ssh, pdsh or DeepSpeed
 launcher. Under Slurm the master is the job's first node and the port is derived from the job
 id, so every task of a job (and a requeued job, which keeps its id) agrees without talking.
+
+torch is imported by the functions that start or use the process group only: a launching
+command reads its environment with `detect_env` and starts its ranks without paying the ~1 s of
+torch's import before each launch.
 """
 
 from __future__ import annotations
@@ -12,9 +16,6 @@ import datetime as _dt
 import os
 import subprocess
 from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
 
 from robustmim.errors import UserError
 
@@ -66,6 +67,9 @@ def detect_env(environ: dict | None = None) -> DistEnv:
 
 def init_distributed(env: DistEnv, use_gpu: bool, timeout_minutes: float = 30.0) -> None:
     """Start the default process group for `env` (a no-op if one is running)."""
+    import torch
+    import torch.distributed as dist
+
     if dist.is_initialized():
         return
     if use_gpu:
@@ -83,6 +87,8 @@ def init_distributed(env: DistEnv, use_gpu: bool, timeout_minutes: float = 30.0)
 def broadcast_object(value):
     """Rank 0's `value` on every rank (itself when not distributed). Errors found by rank 0 travel
     this way too, so every rank raises the same one instead of waiting in the next collective."""
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         return value
     box = [value]
@@ -99,5 +105,7 @@ def free_port() -> int:
 
 
 def shutdown_distributed() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()

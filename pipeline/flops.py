@@ -18,7 +18,7 @@ from pipeline.models.config import EncoderConfig, ModelConfig
 from pipeline.objectives.config import ObjectiveConfig, ObjectiveName
 
 if TYPE_CHECKING:
-    from pipeline.models.vqgan import VQGANConfig
+    from pipeline.models.config import VQGANConfig
 
 # The one MFU denominator of the trainer's log and every bench: an H100 / H200's dense bf16
 # peak on paper, per device (a large bf16 matmul measures ~770-800 TFLOP/s on an H200).

@@ -124,9 +124,9 @@ def estimate_memory(cfg, world_size: int, on_gpu: bool = True) -> MemoryEstimate
 
     from pipeline.engine.config import Precision, uses_bf16
     from pipeline.models.classifier import ViTClassifier
-    from pipeline.models.config import ClassifierConfig
+    from pipeline.models.config import ClassifierConfig, VQGANConfig
     from pipeline.models.mae import MaskedAutoencoder
-    from pipeline.models.vqgan import VQGAN, VQGANConfig
+    from pipeline.models.vqgan import VQGAN
 
     model_cfg = cfg.model
     with torch.device("meta"):

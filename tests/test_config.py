@@ -254,7 +254,7 @@ def test_shipped_eval_configs_load():
 
 def test_shipped_tokenizer_config_and_presets_load():
     from pipeline.finetune.config import FinetuneConfig
-    from pipeline.models.vqgan import PRESETS
+    from pipeline.models.config import PRESETS
     from pipeline.tokenizer.config import TokenizerConfig
 
     cfg = load_config(TokenizerConfig, REPO_ROOT / "configs" / "tokenizer" / "tiny_fmnist.yaml")

@@ -108,3 +108,35 @@ def test_test_modules_share_helpers_not_each_other():
     test_modules = {path.stem: path for path in (REPO_ROOT / "tests").glob("test_*.py")}
     offenders = {name: sorted(imported(path, test_modules)) for name, path in test_modules.items()}
     assert {name: deps for name, deps in offenders.items() if deps} == {}
+
+
+def test_a_launching_command_checks_its_config_without_importing_torch():
+    """`robustmim <stage> --nproc-per-node N` loads and checks its config, then starts torchrun;
+    the ranks import torch, timm, DeepSpeed and DALI. A launcher that imported them too would pay
+    ~3 s before every launch (a dozen launches in `make demo`): this walks the launcher's path in
+    a fresh interpreter and looks for torch in what it loaded."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from robustmim.cli import build_parser
+from robustmim.config import load_config
+from robustmim.launcher import launch_local_ranks, explain_failed_ranks
+from robustmim.stages import STAGES, Launch, resolve
+from pipeline.dist import detect_env, free_port
+from pipeline.engine.run_state import read_run_state
+build_parser()
+for stage in STAGES:
+    if stage.launch in (Launch.training, Launch.array):
+        config = sorted((__import__("pathlib").Path("configs") / stage.name).glob("*.yaml"))[0]
+        cfg = load_config(resolve(stage.config), str(config), [])
+        if stage.launch is Launch.training:
+            cfg.accumulation(2)
+detect_env(), free_port()
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "deepspeed", "nvidia"))
+print(heavy[:5])
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -162,7 +162,9 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(checkpointing):
     training step's loss and gradients as eager, within float tolerance (inductor fuses, so not
     bit for bit), also with activation checkpointing around the compiled blocks."""
     from pipeline.models.vit import compile_blocks
-    from pipeline.objectives import ObjectiveConfig, build_objective, step_generator
+    from pipeline.objectives.base import step_generator
+    from pipeline.objectives.config import ObjectiveConfig
+    from pipeline.objectives.registry import build_objective
 
     torch.manual_seed(0)
     eager = MaskedAutoencoder(tiny_model_config())

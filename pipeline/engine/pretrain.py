@@ -11,8 +11,8 @@ from pipeline.engine.config import PretrainConfig
 from pipeline.engine.optim import param_groups
 from pipeline.flops import training_flops_per_image
 from pipeline.models.mae import MaskedAutoencoder
-from pipeline.objectives import build_objective
 from pipeline.objectives.config import ObjectiveName
+from pipeline.objectives.registry import build_objective
 
 # MIMIR's released runs: the micro-batch its nHSIC penalty saw on each GPU
 MIMIR_MICRO_BATCH = 512

@@ -21,10 +21,10 @@ from pipeline.finetune.config import FinetuneConfig, RecipeName
 from pipeline.finetune.recipes import build_recipe
 from pipeline.flops import FUSED_ATTENTION_BACKWARD, autoencoder_pass, classifier_pass, vqgan_flops
 from pipeline.models.classifier import ViTClassifier, load_pretrained_encoder
-from pipeline.models.config import ModelConfig
+from pipeline.models.config import ModelConfig, VQGANConfig
 from pipeline.models.deployed import DenoiseThenClassify
 from pipeline.models.mae import MaskedAutoencoder
-from pipeline.models.vqgan import VQGAN, VQGANConfig, check_input
+from pipeline.models.vqgan import VQGAN, check_input
 from pipeline.models.weights import load_weights
 from pipeline.objectives.base import step_generator
 from pipeline.tokenizer.export import load_tokenizer

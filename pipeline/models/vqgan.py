@@ -12,7 +12,7 @@ Images enter in [0, 1] (as everywhere in robustmim) and are mapped to taming's [
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,50 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from robustmim.errors import UserError
-
-NORM_GROUPS = 32  # taming's Normalize(): GroupNorm(32, C, eps=1e-6); channel counts must divide by it
-
-
-@dataclass
-class VQGANConfig:
-    """taming's `ddconfig` plus the codebook. Defaults: the f16 ImageNet model with 1024 codes."""
-
-    in_channels: int = 3  # image channels
-    resolution: int = 256  # image side the encoder is built for
-    ch: int = 128  # base channel count, multiplied by ch_mult per level
-    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])  # one entry per resolution level
-    num_res_blocks: int = 2  # residual blocks per resolution level
-    attn_resolutions: list[int] = field(default_factory=lambda: [16])  # feature-map sizes with self-attention
-    z_channels: int = 256  # channels of the encoder's output before the codebook projection
-    embed_dim: int = 256  # dimension of each code
-    n_embed: int = 1024  # codebook size
-    dropout: float = 0.0  # inside the residual blocks
-    # Look codes up by cosine similarity (l2-normalized z and codebook, Yu et al.'s ViT-VQGAN):
-    # no parameter changes, far better code usage for small tokenizers; taming's models use False.
-    normalized_codes: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.ch_mult or min(self.ch_mult) < 1 or self.ch < 1 or self.num_res_blocks < 1:
-            raise ValueError("tokenizer model: ch, num_res_blocks and every ch_mult entry must be >= 1")
-        bad = sorted({self.ch * m for m in self.ch_mult if (self.ch * m) % NORM_GROUPS})
-        if bad:
-            raise ValueError(f"tokenizer model: channel counts {bad} (ch x ch_mult) must be multiples of "
-                             f"{NORM_GROUPS} (taming's GroupNorm)")
-        if self.z_channels < 1 or self.embed_dim < 1 or self.n_embed < 2:
-            raise ValueError("tokenizer model: z_channels, embed_dim >= 1 and n_embed >= 2 required")
-
-    @property
-    def downsampling(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
-
-
-# The published taming-transformers / latent-diffusion VQGANs (ddconfig values from their configs).
-PRESETS = {
-    "f16_1024": VQGANConfig(),
-    "f16_16384": VQGANConfig(n_embed=16384),
-    "f8_16384": VQGANConfig(ch_mult=[1, 2, 2, 4], attn_resolutions=[32], z_channels=4, embed_dim=4, n_embed=16384),
-}
-
+from pipeline.models.config import NORM_GROUPS, VQGANConfig
 
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(NORM_GROUPS, channels, eps=1e-6, affine=True)

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from pipeline.data.accounting import RunLength
 from pipeline.engine.config import EngineConfig, OptimConfig, ValidationConfig
-from pipeline.models.vqgan import VQGANConfig
+from pipeline.models.config import VQGANConfig
 
 
 class Reconstruction(enum.Enum):

@@ -12,7 +12,8 @@ from robustmim.config import config_from_dict, load_config
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_json, sha256_of_file
 from pipeline.engine.export import consolidated_state_dict, save_safetensors
-from pipeline.models.vqgan import PRESETS, VQGAN, VQGANConfig, load_taming_checkpoint
+from pipeline.models.config import PRESETS, VQGANConfig
+from pipeline.models.vqgan import VQGAN, load_taming_checkpoint
 from pipeline.tokenizer.config import TokenizerConfig
 
 EXPORT_FORMAT = "robustmim-vqgan/1"

@@ -1,0 +1,15 @@
+"""The objectives by name: `build_objective(cfg)` returns the one `cfg.name` selects."""
+
+from __future__ import annotations
+
+from pipeline.objectives.config import ObjectiveConfig, ObjectiveName
+from pipeline.objectives.dmae import DMAE
+from pipeline.objectives.mae import MAE
+from pipeline.objectives.mimir import MIMIR
+from pipeline.objectives.nim import NIM
+
+OBJECTIVES = {ObjectiveName.mae: MAE, ObjectiveName.nim: NIM, ObjectiveName.dmae: DMAE, ObjectiveName.mimir: MIMIR}
+
+
+def build_objective(cfg: ObjectiveConfig):
+    return OBJECTIVES[cfg.name](getattr(cfg, cfg.name.value), cfg.norm_pix_loss)
