@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -530,6 +531,29 @@ def test_two_ranks_equal_one_rank_record_for_record(trained, one_rank, tmp_path)
     run_eval(trained["smoothed"], trained["shards"], tmp_path / "two", nproc=2)
     assert merged(tmp_path / "two") == merged(one_rank)
     assert {p.name for p in (tmp_path / "two" / "records").iterdir()} == {"rank00000.jsonl", "rank00001.jsonl"}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_accelerate_launch_equals_one_rank_record_for_record(trained, one_rank, tmp_path):
+    """Hugging Face accelerate's launcher (`accelerate launch --multi_gpu --num_processes 2 -m
+    robustmim.cli eval ...`) starts the ranks through torchrun's machinery with its own process
+    variables: they split the samples in contiguous chunks and merge them as torchrun's ranks do.
+    Started as `python -m accelerate.commands.launch`, the `launch` subcommand itself: the
+    `accelerate` script also loads its `estimate` command, which imports timm, hence torchvision,
+    whose wheels need a CUDA torch."""
+    out = tmp_path / "accelerate"
+    args = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "robustmim.cli", "eval", "--model", trained["smoothed"], "--data", trained["shards"], "--out", out,
+            *EVAL_SETTINGS]
+    finish(subprocess.Popen(list(map(str, args)), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True))
+    assert merged(out) == merged(one_rank)
+    assert {p.name for p in (out / "records").iterdir()} == {"rank00000.jsonl", "rank00001.jsonl"}
+    first, second = ([json.loads(line)["idx"] for line in (out / "records" / name).read_text().splitlines()]
+                     for name in ("rank00000.jsonl", "rank00001.jsonl"))
+    assert first and second and max(first) < min(second)  # contiguous chunks, in order
 
 
 @pytest.mark.slow

@@ -3,7 +3,8 @@
 It reads the same shards with the same transforms as the DALI loader, written the plain way:
 the tests use it as the oracle for what DALI must produce with augmentation off (equal up to
 decoder and resampling rounding), and the loader bench uses it as the baseline. It is not a
-runtime fallback: it has no exact resume, and it splits ranks by whole shards.
+runtime fallback: it has no exact resume, and it splits ranks by whole shards. webdataset is a
+development dependency (`pip install -e .[dev]`) for this reason.
 """
 
 from __future__ import annotations
