@@ -28,7 +28,7 @@ from pipeline.flops import PEAK_TFLOPS_DENSE_BF16, vqgan_flops
 from pipeline.models.classifier import ViTClassifier
 from pipeline.models.config import PRESETS
 from pipeline.models.vqgan import VQGAN, reconstruct
-from pipeline.objectives.base import step_generator
+from pipeline.randomness import step_generator
 from pipeline.tokenizer.config import TokenizerConfig
 
 TINY_TOKENIZER = "configs/tokenizer/tiny_fmnist.yaml"

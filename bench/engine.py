@@ -42,7 +42,7 @@ def worker(args) -> None:
     from pipeline.engine.trainer import deepspeed_config
     from pipeline.models.config import ModelConfig
     from pipeline.models.mae import MaskedAutoencoder
-    from pipeline.objectives.base import step_generator
+    from pipeline.randomness import step_generator
     from pipeline.objectives.config import ObjectiveConfig
     from pipeline.objectives.registry import build_objective
 

@@ -27,9 +27,9 @@ from robustmim.config import load_config
 from pipeline.flops import PEAK_TFLOPS_DENSE_BF16, training_flops_per_image
 from pipeline.models.config import ModelConfig
 from pipeline.models.mae import MaskedAutoencoder
-from pipeline.objectives.base import step_generator
 from pipeline.objectives.config import ObjectiveConfig
 from pipeline.objectives.registry import build_objective
+from pipeline.randomness import step_generator
 
 
 def synchronize(device: torch.device) -> None:

@@ -29,7 +29,8 @@ from pipeline.attacks import normalized_l2, project_l2, project_linf
 from eval.attacks import perturbation_size, random_start
 from eval.config import AutoAttackConfig, AutoAttackVersion, Norm
 from eval.model import EvalModel
-from eval.sampling import ATTACK, sample_generator
+from eval.sampling import ATTACK
+from pipeline.randomness import sample_generator
 
 APGD_PURPOSE = 100  # separates APGD's draws from PGD's (ATTACK, attack number, ...)
 

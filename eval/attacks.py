@@ -13,7 +13,8 @@ import torch
 from pipeline.attacks import normalized_l2, project_l2, project_linf
 from eval.config import AttackLoss, Norm, PGDConfig
 from eval.model import EvalModel
-from eval.sampling import ATTACK, per_sample_normal, per_sample_uniform, sample_generator
+from eval.sampling import ATTACK
+from pipeline.randomness import per_sample_normal, per_sample_uniform, sample_generator
 
 
 def attack_loss(log_probs: torch.Tensor, labels: torch.Tensor, kind: AttackLoss) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.models.deployed import DefenseKind, DeploymentSpec
-from eval.sampling import per_sample_normal
+from pipeline.randomness import per_sample_normal
 
 
 class EvalModel:

@@ -34,7 +34,8 @@ from pipeline.engine.config import compiles, uses_bf16
 from pipeline.models.vit import compile_blocks
 from eval.model import EvalModel
 from eval.records import MERGED, RECORDS_DIR, RECORDS_FORMAT, RecordWriter, merge_records, recorded_indices
-from eval.sampling import CERTIFY_ESTIMATE, CERTIFY_SELECT, CLEAN, PREDICT, sample_generator, selected_indices
+from eval.sampling import CERTIFY_ESTIMATE, CERTIFY_SELECT, CLEAN, PREDICT, selected_indices
+from pipeline.randomness import sample_generator
 from eval.summary import cohen_table, summarize
 
 log = get_logger(__name__)

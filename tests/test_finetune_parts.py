@@ -17,7 +17,7 @@ from pipeline.finetune.task import FinetuneModule
 from pipeline.models.classifier import ViTClassifier, load_pretrained_encoder
 from pipeline.models.deployed import DenoiseThenClassify, denoise
 from pipeline.models.mae import MaskedAutoencoder
-from pipeline.objectives.base import step_generator
+from pipeline.randomness import step_generator
 
 from helpers import tiny_classifier_config, tiny_model_config
 

@@ -9,9 +9,9 @@ from robustmim.config import load_config
 from pipeline.flops import MATH_ATTENTION_BACKWARD, autoencoder_pass, training_flops_per_image
 from pipeline.models.config import ModelConfig
 from pipeline.models.mae import MaskedAutoencoder
-from pipeline.objectives.base import step_generator
 from pipeline.objectives.config import ObjectiveConfig
 from pipeline.objectives.registry import build_objective
+from pipeline.randomness import step_generator
 
 BATCH = 6
 

@@ -162,7 +162,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(checkpointing):
     training step's loss and gradients as eager, within float tolerance (inductor fuses, so not
     bit for bit), also with activation checkpointing around the compiled blocks."""
     from pipeline.models.vit import compile_blocks
-    from pipeline.objectives.base import step_generator
+    from pipeline.randomness import step_generator
     from pipeline.objectives.config import ObjectiveConfig
     from pipeline.objectives.registry import build_objective
 

@@ -10,12 +10,12 @@ from robustmim.errors import ConfigError
 from pipeline.data.config import LoaderConfig
 from pipeline.data.dali import DaliLoader
 from pipeline.models.mae import MaskedAutoencoder
-from pipeline.objectives.base import step_generator
 from pipeline.objectives.config import ObjectiveConfig
 from pipeline.objectives.hsic import nhsic
 from pipeline.objectives.mimir import MIMIR
 from pipeline.objectives.nim import NIM
 from pipeline.objectives.registry import build_objective
+from pipeline.randomness import step_generator
 
 from helpers import tiny_model_config
 

@@ -42,7 +42,7 @@ from pipeline.engine.run_state import write_run_state
 from pipeline.engine.signals import StopRequest
 from pipeline.engine.task import TrainingTask
 from pipeline.models.vit import compile_blocks
-from pipeline.objectives.base import step_generator
+from pipeline.randomness import step_generator
 
 log = get_logger(__name__)
 

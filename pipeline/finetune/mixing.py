@@ -14,19 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.finetune.config import MixupConfig
-from pipeline.objectives.nim import sample_gamma
+from pipeline.randomness import sample_beta
 
 
 def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
     """[B, K]: 1 - smoothing + smoothing / K on the label, smoothing / K elsewhere (timm's)."""
     off = smoothing / num_classes
     return F.one_hot(labels, num_classes).float() * (1 - smoothing) + off
-
-
-def sample_beta(alpha: float, generator: torch.Generator, device) -> torch.Tensor:
-    """One Beta(alpha, alpha) draw as a 0-d tensor: G1 / (G1 + G2) with G ~ Gamma(alpha)."""
-    g = sample_gamma(alpha, 1.0, 2, generator, device)
-    return g[0] / (g[0] + g[1]).clamp_min(1e-12)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,7 @@ from pipeline.finetune.config import RecipeConfig, RecipeName
 from pipeline.finetune.mixing import BatchMixer, random_erase, soft_cross_entropy
 from pipeline.models.deployed import denoise
 from pipeline.models.vqgan import reconstruct
-
-
-def gaussian(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+from pipeline.randomness import gaussian_like
 
 
 class Recipe:
@@ -52,7 +49,7 @@ class DenoisedTraining(Recipe):
         inputs, targets = self.mixer(self.erase(module, images01, generator), labels, generator)
         u = torch.rand(inputs.shape[0], generator=generator, device=inputs.device)
         sigma = (cfg.train_sigma_low + (cfg.train_sigma_high - cfg.train_sigma_low) * u) / 255
-        noisy = inputs + sigma.view(-1, 1, 1, 1) * gaussian(inputs, generator)
+        noisy = inputs + sigma.view(-1, 1, 1, 1) * gaussian_like(inputs, generator)
         with torch.no_grad():
             denoised = denoise(module.denoiser, noisy, sigma, module.denoiser_norm_pix).clamp(0, 1)
         loss = soft_cross_entropy(module.model(denoised), targets)
@@ -68,7 +65,7 @@ class NoisyConsistency(Recipe):
         cfg = self.cfg.dmae
         copies = cfg.copies
         repeated = self.erase(module, images01.repeat_interleave(copies, dim=0), generator)
-        noisy = repeated + cfg.sigma * gaussian(repeated, generator)
+        noisy = repeated + cfg.sigma * gaussian_like(repeated, generator)
         inputs, targets = self.mixer(noisy, labels.repeat_interleave(copies, dim=0), generator)
         logits = module.model(inputs).float()
         loss = classification = soft_cross_entropy(logits, targets)
@@ -110,7 +107,7 @@ class DiscreteAdversarial(Recipe):
                 generator: torch.Generator) -> torch.Tensor:
         """The perturbed image before re-quantization: within epsilon (L2) of `quantized`, in [0, 1]."""
         cfg = self.cfg.dat
-        direction = normalized_l2(gaussian(quantized, generator))
+        direction = normalized_l2(gaussian_like(quantized, generator))
         # One draw per batch (the attacker decides its random start per call), kept on the device.
         draw = torch.rand((), generator=generator, device=quantized.device)
         start = (draw < cfg.random_start_prob).to(quantized.dtype)

@@ -26,10 +26,8 @@ from pipeline.models.deployed import DenoiseThenClassify
 from pipeline.models.mae import MaskedAutoencoder
 from pipeline.models.vqgan import VQGAN, check_input
 from pipeline.models.weights import load_weights
-from pipeline.objectives.base import step_generator
+from pipeline.randomness import gaussian_like, validation_generator
 from pipeline.tokenizer.export import load_tokenizer
-
-VALIDATION_SEED_OFFSET = 7919  # validation noise draws apart from the training draws of a step
 
 
 def read_autoencoder_export(path: str | Path) -> tuple[ModelConfig, bool]:
@@ -174,12 +172,12 @@ class FinetuneTask:
     def validate(self, module: FinetuneModule, cfg: FinetuneConfig, env: DistEnv, device: torch.device,
                  step: int) -> dict[str, float]:
         """Top-1 of the deployed model on the validation split, each rank its exact chunk."""
-        generator = step_generator(cfg.seed + VALIDATION_SEED_OFFSET, step, env.rank, device)
+        generator = validation_generator(cfg.seed, step, env.rank, device)
         deployed = self.deployed(module)
         counts = torch.zeros(2, device=device, dtype=torch.float64)  # [correct, seen]
         for images, labels in validation_batches(cfg, cfg.validation, env):
             if cfg.recipe.name is RecipeName.dmae:
-                noise = torch.randn(images.shape, generator=generator, device=device, dtype=images.dtype)
+                noise = gaussian_like(images, generator)
                 logits = deployed(images + cfg.recipe.dmae.sigma * noise)
             elif isinstance(deployed, DenoiseThenClassify):
                 logits = deployed(images, generator)

@@ -27,6 +27,7 @@ from pipeline.models.classifier import ViTClassifier
 from pipeline.models.config import ClassifierConfig, ModelConfig
 from pipeline.models.mae import MaskedAutoencoder
 from pipeline.models.weights import load_weights
+from pipeline.randomness import gaussian_like
 
 DEPLOYMENT_FORMAT = "robustmim-classifier/1"
 
@@ -51,7 +52,7 @@ class DenoiseThenClassify(nn.Module):
     def forward(self, images01: torch.Tensor, generator: Optional[torch.Generator] = None,
                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         if noise is None:
-            noise = torch.randn(images01.shape, generator=generator, device=images01.device, dtype=images01.dtype)
+            noise = gaussian_like(images01, generator)
         noisy = images01 + self.sigma * noise
         return self.classifier(denoise(self.denoiser, noisy, self.sigma, self.norm_pix).clamp(0, 1))
 

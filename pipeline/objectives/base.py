@@ -1,11 +1,11 @@
-"""What the objectives share: seeded generators, per-patch normalized targets, patch losses."""
+"""What the objectives share: mask noise, per-patch normalized targets, patch losses (their seeded
+draws come from pipeline/randomness.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 import torch
 
 from pipeline.models.mae import MaskedAutoencoder, patch_stats
@@ -18,20 +18,8 @@ class ObjectiveOutput:
     denoised: Optional[torch.Tensor] = None  # NIM: the reconstruction in [0, 1] pixel space
 
 
-def step_generator(seed: int, step: int, rank: int, device: torch.device | str) -> torch.Generator:
-    """A generator on `device` fixed by (seed, step, rank): masks and noise are reproducible."""
-    state = np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0]
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(state) & (2**63 - 1))
-    return generator
-
-
 def mask_noise(images: torch.Tensor, model: MaskedAutoencoder, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(images.shape[0], model.patch_embed.num_patches, generator=generator, device=images.device)
-
-
-def gaussian_like(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
 
 
 def pixel_target(model: MaskedAutoencoder, images01: torch.Tensor, norm_pix: bool) -> torch.Tensor:

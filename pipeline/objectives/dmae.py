@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 
 from pipeline.models.mae import MaskedAutoencoder
-from pipeline.objectives.base import ObjectiveOutput, gaussian_like, mask_noise, patch_losses, pixel_target
+from pipeline.objectives.base import ObjectiveOutput, mask_noise, patch_losses, pixel_target
 from pipeline.objectives.config import DMAEConfig
+from pipeline.randomness import gaussian_like
 
 
 class DMAE:

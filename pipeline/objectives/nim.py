@@ -5,37 +5,12 @@ denoised image that the De³ defense classifies."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from pipeline.models.mae import MaskedAutoencoder
-from pipeline.objectives.base import (ObjectiveOutput, gaussian_like, mask_noise, patch_losses, pixel_target)
+from pipeline.objectives.base import ObjectiveOutput, mask_noise, patch_losses, pixel_target
 from pipeline.objectives.config import NIMConfig, SigmaDistribution
-
-
-def sample_gamma(shape_k: float, scale: float, n: int, generator: torch.Generator, device,
-                 rounds: int = 8) -> torch.Tensor:
-    """n Gamma(shape_k, scale) draws from `generator` (torch's own Gamma sampler takes none).
-
-    Marsaglia and Tsang's method with a fixed number of proposal rounds, so no host sync: a
-    proposal is accepted with probability above 0.95 for shape >= 1 (0.996 at shape 25); a
-    draw whose rounds all fail (probability < 0.05**8) falls back to the mode-like value d.
-    Shapes below 1 use the boost Gamma(k) = Gamma(k + 1) * U**(1/k).
-    """
-    k = shape_k if shape_k >= 1 else shape_k + 1
-    d = k - 1 / 3
-    c = 1 / math.sqrt(9 * d)
-    z = torch.randn(rounds, n, generator=generator, device=device)
-    u = torch.rand(rounds, n, generator=generator, device=device)
-    v = (1 + c * z) ** 3
-    log_v = torch.log(v.clamp_min(1e-30))
-    accepted = (v > 0) & (torch.log(u) < 0.5 * z**2 + d - d * v + d * log_v)
-    first = accepted.int().argmax(dim=0, keepdim=True)
-    draws = torch.where(accepted.any(dim=0), d * v.gather(0, first)[0], torch.full_like(v[0], d))
-    if shape_k < 1:
-        draws = draws * torch.rand(n, generator=generator, device=device) ** (1 / shape_k)
-    return draws * scale
+from pipeline.randomness import gaussian_like, sample_gamma
 
 
 class NIM:
