@@ -37,8 +37,8 @@ def worker(args) -> None:
 
     from robustmim.config import load_config
     from pipeline.dist import detect_env, init_distributed
-    from pipeline.engine.config import PretrainConfig
-    from pipeline.engine.pretrain import PretrainModule
+    from pipeline.pretrain.config import PretrainConfig
+    from pipeline.pretrain.task import PretrainModule
     from pipeline.engine.trainer import deepspeed_config
     from pipeline.models.config import ModelConfig
     from pipeline.models.mae import MaskedAutoencoder

@@ -74,9 +74,9 @@ def child(args) -> None:
 
     from robustmim.config import load_config
     from pipeline.dist import detect_env, init_distributed, shutdown_distributed
-    from pipeline.engine.config import PretrainConfig
+    from pipeline.pretrain.config import PretrainConfig
     from pipeline.engine.metrics import read_metrics
-    from pipeline.engine.pretrain import PretrainTask
+    from pipeline.pretrain.task import PretrainTask
     from pipeline.engine.trainer import Trainer
 
     tiny = args.encoder.startswith("vit_tiny")

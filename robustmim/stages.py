@@ -48,8 +48,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("pretrain", "pretrain an autoencoder (MAE, NIM, DMAE, MIMIR) with DeepSpeed",
           "robustmim pretrain --config configs/pretrain/dmae_tiny_fmnist.yaml --nproc-per-node 2 "
           "out_dir=runs/demo/pretrain_dmae data.shards=runs/demo/shards",
-          Launch.training, *TRAINING_ARGUMENTS, config="pipeline.engine.config:PretrainConfig",
-          train="pipeline.engine.pretrain:pretrain", export="pipeline.engine.export:export_autoencoder"),
+          Launch.training, *TRAINING_ARGUMENTS, config="pipeline.pretrain.config:PretrainConfig",
+          train="pipeline.pretrain.task:pretrain", export="pipeline.pretrain.export:export_autoencoder"),
     Stage("finetune", "fine-tune a pretrained encoder into each defense's classifier (standard, De3, DMAE, "
                       "MIMIR, DAT)",
           "robustmim finetune --config configs/finetune/dmae_tiny_fmnist.yaml --nproc-per-node 2 "

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from robustmim.config import load_config
-from pipeline.engine.config import PretrainConfig
+from pipeline.pretrain.config import PretrainConfig
 from slurm.launch import estimate_memory
 
 from conftest import REPO_ROOT

@@ -64,7 +64,7 @@ def test_print_config_shows_every_setting_with_its_help_and_reads_back_as_overri
     """`--print-config` prints the resolved settings and starts nothing; its lines, given back as
     key=value overrides, rebuild the same config; an unknown key is still refused, naming it."""
     from robustmim.config import load_config
-    from pipeline.engine.config import PretrainConfig
+    from pipeline.pretrain.config import PretrainConfig
 
     shown = run("pretrain", "--print-config", "--config", "configs/pretrain/mae_tiny_fmnist.yaml",
                 f"out_dir={tmp_path / 'run'}", "seed=3")

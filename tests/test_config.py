@@ -141,7 +141,7 @@ def test_malformed_override_and_missing_file(tmp_path):
 
 
 def test_shipped_configs_load():
-    from pipeline.engine.config import PretrainConfig
+    from pipeline.pretrain.config import PretrainConfig
 
     shards = sorted((REPO_ROOT / "configs" / "shards").glob("*.yaml"))
     pretrain = sorted((REPO_ROOT / "configs" / "pretrain").glob("*.yaml"))
@@ -198,7 +198,7 @@ def test_every_shipped_config_loads_and_states_only_what_differs(path):
 
 
 def test_a_restated_default_is_found():
-    from pipeline.engine.config import PretrainConfig
+    from pipeline.pretrain.config import PretrainConfig
 
     tree = {"zero_stage": 2, "micro_batch": 32, "data": {"split": "train", "shards": "x"}, "objective": {"name": "mae"}}
     assert _restated_defaults(PretrainConfig, tree) == ["zero_stage", "data.split", "objective.name"]
@@ -218,7 +218,7 @@ def test_shipped_finetune_configs_load_with_their_recipe():
 def test_paper_scale_configs_are_the_papers_main_table_settings():
     """NIM's main table is ViT-B; MIMIR's ImageNet table ViT-S and ViT-B (raw [0, 1] pixels, 512
     images per GPU for its nHSIC term). Each header names what it reproduces."""
-    from pipeline.engine.config import PretrainConfig
+    from pipeline.pretrain.config import PretrainConfig
     from pipeline.finetune.config import FinetuneConfig
 
     nim = load_config(PretrainConfig, REPO_ROOT / "configs" / "pretrain" / "nim_vitb_in1k.yaml")
@@ -294,7 +294,7 @@ def test_times_are_not_read_as_base_60_numbers(tmp_path):
 def test_old_output_directory_names_still_read_under_the_one_name(tmp_path):
     """`out_dir` for every stage: shards' former `out` and training's former `run_dir` still load
     (older commands, and older run directories' config.yaml, which `robustmim export` reads)."""
-    from pipeline.engine.config import PretrainConfig
+    from pipeline.pretrain.config import PretrainConfig
 
     assert load_config(ShardsConfig, None, ["out=/x"]).out_dir == "/x"
     old = tmp_path / "config.yaml"

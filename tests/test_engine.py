@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from robustmim.config import load_config
 from pipeline.engine.checkpoint import LATEST, METADATA
-from pipeline.engine.config import PretrainConfig
+from pipeline.pretrain.config import PretrainConfig
 from pipeline.engine.export import export_checkpoint
 from pipeline.engine.metrics import read_metrics
 
@@ -266,8 +266,8 @@ import sys, deepspeed
 from safetensors.torch import save_file
 from robustmim.config import load_config
 from pipeline.dist import detect_env, init_distributed, shutdown_distributed
-from pipeline.engine.config import PretrainConfig
-from pipeline.engine.pretrain import PretrainTask
+from pipeline.pretrain.config import PretrainConfig
+from pipeline.pretrain.task import PretrainTask
 from pipeline.engine.trainer import Trainer
 
 cfg = load_config(PretrainConfig, None, sys.argv[2:])

@@ -235,8 +235,8 @@ def test_tiny_model_loss_falls_over_50_cpu_steps_on_fashion_mnist(fashion_val_sh
 
 
 def test_pretraining_warns_when_mimirs_micro_batch_is_far_below_its_runs():
-    from pipeline.engine.config import PretrainConfig
-    from pipeline.engine.pretrain import PretrainTask
+    from pipeline.pretrain.config import PretrainConfig
+    from pipeline.pretrain.task import PretrainTask
 
     tiny = PretrainTask(load_config(PretrainConfig, "configs/pretrain/mimir_tiny_fmnist.yaml", []))
     assert any("nHSIC" in note and "micro_batch 64" in note for note in tiny.notes)
@@ -250,7 +250,7 @@ def test_mimir_configs_train_on_raw_pixels_as_mimirs_code():
     pixels, the target is MAE's per-patch normalization of the raw clean pixels."""
     import dataclasses
 
-    from pipeline.engine.config import PretrainConfig
+    from pipeline.pretrain.config import PretrainConfig
     from pipeline.models.config import IMAGENET_MEAN, IMAGENET_STD
     from pipeline.objectives.base import mask_noise, pixel_target
 

@@ -1,5 +1,5 @@
 """Engine configuration shared by every training stage (data, optimizer, length, batch, ZeRO,
-precision, checkpoints), and `robustmim pretrain`'s (plus the autoencoder and its objective)."""
+precision, checkpoints, logging); each stage's config adds its own sections to it."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from omegaconf import MISSING
 from pipeline.data.accounting import RunLength
 from pipeline.data.config import LoaderConfig
 from pipeline.flops import PEAK_TFLOPS_DENSE_BF16
-from pipeline.models.config import ModelConfig
-from pipeline.objectives.config import ObjectiveConfig
 
 
 class Precision(enum.Enum):
@@ -174,15 +172,3 @@ class EngineConfig:
             raise ValueError(f"global_batch {self.global_batch} is not divisible by {world_size} ranks x "
                              f"micro_batch {self.micro_batch} = {per_step}")
         return self.global_batch // per_step
-
-
-@dataclass
-class PretrainConfig(EngineConfig):
-    hashed_sections: ClassVar[tuple[str, ...]] = EngineConfig.hashed_sections + ("model", "objective")
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.check_model_input(self.model.img_size, self.model.in_chans)

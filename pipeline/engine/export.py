@@ -1,12 +1,12 @@
-"""`robustmim export`: consolidate a ZeRO checkpoint into one fp32 state dict in MAE's layout
-(pretraining runs; fine-tuning runs export a classifier, see pipeline/finetune/export.py, and
-tokenizer runs a VQGAN, see pipeline/tokenizer/export.py).
+"""`robustmim export`: consolidate a ZeRO checkpoint into one fp32 state dict and hand it to the
+export of the stage that saved it (the stage is read from the checkpoint's own metadata):
+pipeline/pretrain/export.py (an autoencoder), pipeline/finetune/export.py (a classifier),
+pipeline/tokenizer/export.py (a VQGAN).
 
 DeepSpeed's zero_to_fp32 reads the shards of any ZeRO stage without the training world size
 (or a GPU); stage 0 checkpoints hold the whole module already. The `model.` prefix of the
-training wrapper is removed, so the keys are the official MAE ones, loadable by
-`pipeline.models.weights.load_weights`, timm or the MAE code. A JSON beside the file records
-the model config needed to rebuild the network.
+training wrapper is removed, so the keys are the module's own (for an autoencoder, the official
+MAE ones).
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 
 from robustmim.errors import UserError
-from robustmim.fileio import atomic_write_json
 from robustmim.log import get_logger
 from pipeline.engine.checkpoint import CHECKPOINTS_DIR, LATEST, warn
 from pipeline.engine.checkpoint_files import METADATA, check_tag, safe_torch_load, select_checkpoint
@@ -28,7 +26,6 @@ from pipeline.engine.checkpoint_files import METADATA, check_tag, safe_torch_loa
 log = get_logger(__name__)
 
 WRAPPER_PREFIX = "model."
-EXPORT_FORMAT = "robustmim-mae/1"
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str, dict]:
@@ -62,26 +59,6 @@ def consolidated_state_dict(checkpoints: Path, tag: str) -> dict[str, torch.Tens
     else:  # ZeRO stage 0: the model states file holds the whole module
         state = safe_torch_load(tag_dir / "mp_rank_00_model_states.pt", mmap=False)["module"]
     return {k[len(WRAPPER_PREFIX):]: v.float().contiguous() for k, v in state.items() if k.startswith(WRAPPER_PREFIX)}
-
-
-def fill_fixed_embeddings(state: dict[str, torch.Tensor], model_config: dict | None) -> list[str]:
-    """ZeRO-3's consolidation leaves out frozen parameters; ours are the fixed sin-cos position
-    embeddings, a function of the model config alone, so they are recomputed as at init."""
-    missing = [k for k in ("pos_embed", "decoder_pos_embed") if k not in state]
-    if not missing:
-        return []
-    if model_config is None:
-        raise UserError(f"the checkpoint lacks {missing} and no run config.yaml says how to rebuild them")
-    from robustmim.config import load_config
-    from pipeline.models.config import ModelConfig
-    from pipeline.models.pos_embed import sincos_2d
-
-    cfg = load_config(ModelConfig, None, [f"{k}={v}" for k, v in model_config.items()])
-    grid = cfg.img_size // cfg.patch_size
-    widths = {"pos_embed": cfg.embed_dim, "decoder_pos_embed": cfg.decoder_dims[0]}
-    for key in missing:
-        state[key] = sincos_2d(widths[key], grid).unsqueeze(0)
-    return missing
 
 
 def holds_the_same(out: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
@@ -139,19 +116,3 @@ def export_checkpoint(path: str | Path, out: str | Path) -> dict:
     if stage.export is None:
         raise UserError(f"{checkpoints / tag}: the {stage.name} stage has no export")
     return resolve(stage.export)(checkpoints, tag, meta, out)
-
-
-def export_autoencoder(checkpoints: Path, tag: str, meta: dict, out: Path) -> dict:
-    """A pretrained autoencoder: fp32 weights, and a .json with its model config beside them."""
-    state = consolidated_state_dict(checkpoints, tag)
-    run_config_path = checkpoints.parent / "config.yaml"
-    run_config = yaml.safe_load(run_config_path.read_text()) if run_config_path.is_file() else {}
-    model_config = run_config.get("model")
-    recomputed = fill_fixed_embeddings(state, model_config)
-    save_safetensors(state, out, {"format": EXPORT_FORMAT, "source": str(checkpoints / tag)})
-    info = {"format": EXPORT_FORMAT, "weights": out.name, "source": str(checkpoints / tag), "step": meta["step"],
-            "samples_seen": meta["samples_seen"], "model": model_config,
-            "norm_pix_loss": run_config.get("objective", {}).get("norm_pix_loss", True), "tensors": len(state),
-            "recomputed_fixed_embeddings": recomputed}
-    atomic_write_json(out.with_suffix(".json"), info)
-    return info

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.data.shardset import ShardSet
-from pipeline.engine.config import PretrainConfig
+from pipeline.pretrain.config import PretrainConfig
 from pipeline.engine.optim import param_groups
 from pipeline.flops import training_flops_per_image
 from pipeline.models.mae import MaskedAutoencoder
