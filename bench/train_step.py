@@ -98,7 +98,7 @@ def child(args) -> None:
     on_gpu = torch.cuda.is_available()
     init_distributed(env, on_gpu)
     try:
-        trainer = Trainer(cfg, PretrainTask(cfg), env, on_gpu, loader_class=SyntheticLoader)
+        trainer = Trainer(cfg, PretrainTask, env, on_gpu, loader_class=SyntheticLoader)
         trainer.run()
         trainer.lock.release()
     finally:

@@ -273,7 +273,7 @@ from pipeline.engine.trainer import Trainer
 cfg = load_config(PretrainConfig, None, sys.argv[2:])
 env = detect_env()
 init_distributed(env, use_gpu=False)
-trainer = Trainer(cfg, PretrainTask(cfg), env, on_gpu=False)
+trainer = Trainer(cfg, PretrainTask, env, on_gpu=False)
 trainer.run()
 model = trainer.engine.module.model
 with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=cfg.zero_stage == 3):

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from robustmim.errors import ConfigError, UserError
+from pipeline.dist import detect_env
 from pipeline.flops import lpips_flops
 from pipeline.models.lpips import LPIPS, load_lpips
 from pipeline.models.weights import read_state_dict
@@ -111,7 +112,7 @@ def perceptual_module(lpips_weights, **loss) -> TokenizerModule:
     cfg = tiny_tokenizer_config(**{"loss.perceptual_weight": 1.0, "loss.perceptual_weights": weights,
                          **{f"loss.{k}": v for k, v in loss.items()}})
     torch.manual_seed(0)
-    return TokenizerTask(cfg).build(cfg)
+    return TokenizerTask(cfg, detect_env(), torch.device("cpu")).build()
 
 
 def test_the_perceptual_term_trains_the_vqgan_and_leaves_lpips_frozen(lpips_weights):
@@ -130,9 +131,11 @@ def test_the_perceptual_term_trains_the_vqgan_and_leaves_lpips_frozen(lpips_weig
     assert module.model.decoder.conv_out.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in module.perceptual.parameters())
     plain = tiny_tokenizer_config()
-    task = TokenizerTask(plain)
-    assert task.flops_per_image(dataclasses.replace(plain, loss=module.loss_cfg)) == pytest.approx(
-        task.flops_per_image(plain) + lpips_flops(1, 28))
+
+    def flops(cfg):
+        return TokenizerTask(cfg, detect_env(), torch.device("cpu")).flops_per_image()
+
+    assert flops(dataclasses.replace(plain, loss=module.loss_cfg)) == pytest.approx(flops(plain) + lpips_flops(1, 28))
 
 
 def test_the_adaptive_gan_weight_balances_the_two_gradients_at_the_last_layer(lpips_weights):

@@ -236,12 +236,12 @@ def test_tiny_model_loss_falls_over_50_cpu_steps_on_fashion_mnist(fashion_val_sh
 
 def test_pretraining_warns_when_mimirs_micro_batch_is_far_below_its_runs():
     from pipeline.pretrain.config import PretrainConfig
-    from pipeline.pretrain.task import PretrainTask
+    from pipeline.pretrain.task import mimir_micro_batch_warning
 
-    tiny = PretrainTask(load_config(PretrainConfig, "configs/pretrain/mimir_tiny_fmnist.yaml", []))
-    assert any("nHSIC" in note and "micro_batch 64" in note for note in tiny.notes)
+    tiny = mimir_micro_batch_warning(load_config(PretrainConfig, "configs/pretrain/mimir_tiny_fmnist.yaml", []))
+    assert "nHSIC" in tiny and "micro_batch 64" in tiny
     for config in ("configs/pretrain/mimir_vitl_in1k.yaml", "configs/pretrain/mae_tiny_fmnist.yaml"):
-        assert PretrainTask(load_config(PretrainConfig, config, [])).notes == []
+        assert mimir_micro_batch_warning(load_config(PretrainConfig, config, [])) is None
 
 
 def test_mimir_configs_train_on_raw_pixels_as_mimirs_code():

@@ -105,11 +105,11 @@ def test_the_gan_terms_train_each_network_only_on_its_own_loss():
 def test_bad_tokenizer_inputs_are_named(tmp_path, fashion_shards):
     shards = open_shards(fashion_shards, "train")
     with pytest.raises(UserError, match="differs from data.image_size=32"):
-        TokenizerTask(tiny_tokenizer_config(**{"data.image_size": 32})).resolve(shards)
+        TokenizerTask.resolve(tiny_tokenizer_config(**{"data.image_size": 32}), shards)
     with pytest.raises(UserError, match="the tokenizer takes 1-channel images, the data has 3"):
-        TokenizerTask(tiny_tokenizer_config(**{"data.channels": 3})).resolve(shards)
+        TokenizerTask.resolve(tiny_tokenizer_config(**{"data.channels": 3}), shards)
     with pytest.raises(UserError, match="not a multiple of the tokenizer's downsampling factor 4"):
-        TokenizerTask(tiny_tokenizer_config(**{"data.image_size": 30, "model.resolution": 30})).resolve(shards)
+        TokenizerTask.resolve(tiny_tokenizer_config(**{"data.image_size": 30, "model.resolution": 30}), shards)
     with pytest.raises(UserError, match="missing; give a `robustmim export` of a tokenizer run"):
         load_tokenizer(tmp_path / "vqgan.ckpt")
     with pytest.raises(UserError, match="tokenizer preset 'f32' unknown"):

@@ -98,7 +98,7 @@ def deepspeed_config(cfg: EngineConfig, accumulation: int, bf16: bool, universal
     return config
 
 
-def train(cfg: EngineConfig, task: TrainingTask) -> dict:
+def train(cfg: EngineConfig, task_class: type[TrainingTask]) -> dict:
     env = detect_env()
     on_gpu = use_gpu(cfg.data.device)
     if on_gpu:  # fp32 matmuls outside autocast (fp32 runs, the optimizer's) may use TF32 tensor cores
@@ -106,7 +106,7 @@ def train(cfg: EngineConfig, task: TrainingTask) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     init_distributed(env, on_gpu)
     try:
-        trainer = Trainer(cfg, task, env, on_gpu)
+        trainer = Trainer(cfg, task_class, env, on_gpu)
         try:
             return trainer.run()
         finally:
@@ -137,21 +137,22 @@ class LossTerms:
 
 
 class Trainer:
-    def __init__(self, cfg: EngineConfig, task: TrainingTask, env, on_gpu: bool, loader_class=DaliLoader):
+    def __init__(self, cfg: EngineConfig, task_class: type[TrainingTask], env, on_gpu: bool, loader_class=DaliLoader):
         """`loader_class` builds the training stream (DaliLoader's signature and state_dict);
         benches pass one of synthetic device batches to time the engine where DALI is absent."""
         self.loader_class = loader_class
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        self.task, self.env = task, env
+        self.env = env
         self.device = torch.device("cuda", env.local_rank) if on_gpu else torch.device("cpu")
         try:
             self.accumulation = cfg.accumulation(env.world_size)
         except ValueError as e:
             raise UserError(str(e)) from None
         shards = open_shards(cfg.data.shards, cfg.data.split, cfg.data.verify_hashes)  # before any work
-        self.cfg = cfg = task.resolve(shards)
+        self.cfg = cfg = task_class.resolve(cfg, shards)
+        self.task = task = task_class(cfg, env, self.device)  # its own files (a denoiser, a tokenizer) load here
         self.split_size = shards.total
         self.total_steps = cfg.length.steps(shards.total, cfg.global_batch)
         warmup_steps = round(cfg.optim.warmup_epochs * shards.total / cfg.global_batch)
@@ -177,11 +178,9 @@ class Trainer:
         self.run_id = resume.run_id if continues else fresh_id
         self.hashes = config_hashes(cfg)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        module = task.build(cfg).to(self.device)
+        module = task.build().to(self.device)
         if cfg.compiles(on_gpu):
             compile_blocks(module)
-        for note in task.notes:
-            log.info(f"{task.stage}: {note}")
         groups = task.param_groups(module)
         optimizer, scheduler = build_optimizer(groups, cfg.optim, cfg.global_batch, warmup_steps, self.total_steps)
         self.first_group_scale = groups[0]["lr_scale"]  # logs show the peak (scale 1) lr
@@ -199,7 +198,7 @@ class Trainer:
         self.step, self.samples_seen = 0, 0
         self.last_validation: dict = {}
         self.loader = self._restore(resume) if resume else self._loader(cfg.data.seed, None)
-        self.flops_per_image = task.flops_per_image(cfg)
+        self.flops_per_image = task.flops_per_image()
 
     def _loader(self, seed: int, state) -> DaliLoader:
         data = dataclasses.replace(self.cfg.data, batch_size=self.cfg.micro_batch, seed=seed)
@@ -243,7 +242,7 @@ class Trainer:
         self.engine.module.eval()
         # under the training step's precision: what is validated is what is trained
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            metrics = self.task.validate(self.engine.module, self.cfg, self.env, self.device, self.step)
+            metrics = self.task.validate(self.engine.module, self.step)
         self.engine.module.train()
         if metrics:
             log.log({"step": self.step, **metrics})

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from robustmim.config import config_from_dict
 from robustmim.errors import UserError
+from robustmim.log import get_logger
 from pipeline.data.shardset import ShardSet, open_shards
 from pipeline.dist import DistEnv
 from pipeline.engine.optim import layer_decay_groups
@@ -28,6 +29,8 @@ from pipeline.models.vqgan import VQGAN, check_input
 from pipeline.models.weights import load_weights
 from pipeline.randomness import gaussian_like, validation_generator
 from pipeline.tokenizer.export import load_tokenizer
+
+log = get_logger(__name__)
 
 
 def read_autoencoder_export(path: str | Path) -> tuple[ModelConfig, bool]:
@@ -116,10 +119,23 @@ class FinetuneModule(nn.Module):
 class FinetuneTask:
     stage = "finetune"
 
-    def __init__(self, cfg: FinetuneConfig):
-        self.cfg = cfg
+    @classmethod
+    def resolve(cls, cfg: FinetuneConfig, shards: ShardSet) -> FinetuneConfig:
+        """The class count from the data (unless set), and the encoder's input normalization."""
+        classes = cfg.model.num_classes or shards.num_classes
+        if classes < shards.num_classes:
+            raise UserError(f"model.num_classes={classes}, but {cfg.data.shards} has {shards.num_classes} classes")
+        if cfg.validation.every_steps:  # fail now, not at the first validation
+            open_shards(cfg.data.shards, cfg.validation.split)
+        cfg, note = with_encoder_normalization(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                                                 num_classes=classes)))
+        if note:
+            log.info(f"finetune: {note}")
+        return cfg
+
+    def __init__(self, cfg: FinetuneConfig, env: DistEnv, device: torch.device):
+        self.cfg, self.env, self.device = cfg, env, device
         self.validate_every = cfg.validation.every_steps
-        self.notes: list[str] = []
         self.denoiser_config: Optional[ModelConfig] = None
         self.denoiser_norm_pix = True
         if cfg.recipe.name is RecipeName.de3:
@@ -129,24 +145,11 @@ class FinetuneTask:
             self.tokenizer = load_tokenizer(cfg.recipe.dat.tokenizer, cfg.recipe.dat.tokenizer_preset)
             check_input(self.tokenizer.cfg, cfg.data.image_size, cfg.data.channels, "recipe.dat.tokenizer")
 
-    def resolve(self, shards: ShardSet) -> FinetuneConfig:
+    def build(self) -> FinetuneModule:
         cfg = self.cfg
-        classes = cfg.model.num_classes or shards.num_classes
-        if classes < shards.num_classes:
-            raise UserError(f"model.num_classes={classes}, but {cfg.data.shards} has {shards.num_classes} classes")
-        if self.validate_every:  # fail now, not at the first validation
-            open_shards(cfg.data.shards, cfg.validation.split)
-        cfg, note = with_encoder_normalization(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
-                                                                                                 num_classes=classes)))
-        if note:
-            self.notes.append(note)
-        self.cfg = cfg
-        return self.cfg
-
-    def build(self, cfg: FinetuneConfig) -> FinetuneModule:
         model = ViTClassifier(cfg.model)
         if cfg.init:
-            self.notes.append(f"initialized from {load_pretrained_encoder(model, cfg.init)}")
+            log.info(f"finetune: initialized from {load_pretrained_encoder(model, cfg.init)}")
         model.set_grad_checkpointing(cfg.activation_checkpointing)
         denoiser = None
         if self.denoiser_config is not None:
@@ -159,8 +162,8 @@ class FinetuneTask:
         optim = self.cfg.optim
         return layer_decay_groups(module.model, optim.weight_decay, optim.layer_decay, self.cfg.model.depth)
 
-    def flops_per_image(self, cfg: FinetuneConfig) -> float:
-        return finetune_flops_per_image(cfg, self.denoiser_config, self.tokenizer.cfg if self.tokenizer else None)
+    def flops_per_image(self) -> float:
+        return finetune_flops_per_image(self.cfg, self.denoiser_config, self.tokenizer.cfg if self.tokenizer else None)
 
     def deployed(self, module: FinetuneModule) -> nn.Module:
         """The model as the eval stage will load it (DMAE: its base classifier under one noise draw)."""
@@ -169,9 +172,9 @@ class FinetuneTask:
                                        module.denoiser_norm_pix)
         return module.model
 
-    def validate(self, module: FinetuneModule, cfg: FinetuneConfig, env: DistEnv, device: torch.device,
-                 step: int) -> dict[str, float]:
+    def validate(self, module: FinetuneModule, step: int) -> dict[str, float]:
         """Top-1 of the deployed model on the validation split, each rank its exact chunk."""
+        cfg, env, device = self.cfg, self.env, self.device
         generator = validation_generator(cfg.seed, step, env.rank, device)
         deployed = self.deployed(module)
         counts = torch.zeros(2, device=device, dtype=torch.float64)  # [correct, seen]
@@ -193,4 +196,4 @@ class FinetuneTask:
 def finetune(cfg: FinetuneConfig) -> dict:
     from pipeline.engine.trainer import train
 
-    return train(cfg, FinetuneTask(cfg))
+    return train(cfg, FinetuneTask)

@@ -6,16 +6,20 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from robustmim.log import get_logger
 from pipeline.data.shardset import ShardSet
-from pipeline.pretrain.config import PretrainConfig
+from pipeline.dist import DistEnv
 from pipeline.engine.optim import param_groups
 from pipeline.flops import training_flops_per_image
 from pipeline.models.mae import MaskedAutoencoder
 from pipeline.objectives.config import ObjectiveName
 from pipeline.objectives.registry import build_objective
+from pipeline.pretrain.config import PretrainConfig
 
 # MIMIR's released runs: the micro-batch its nHSIC penalty saw on each GPU
 MIMIR_MICRO_BATCH = 512
+
+log = get_logger(__name__)
 
 
 class PretrainModule(nn.Module):
@@ -31,22 +35,30 @@ class PretrainModule(nn.Module):
         return out.loss, out.metrics
 
 
+def mimir_micro_batch_warning(cfg: PretrainConfig) -> str | None:
+    """What to tell a MIMIR run whose micro-batch is far below MIMIR's own (None: nothing)."""
+    if cfg.objective.name is ObjectiveName.mimir and cfg.micro_batch < MIMIR_MICRO_BATCH // 4:
+        return (f"MIMIR's nHSIC term is computed over each micro-batch; at micro_batch {cfg.micro_batch} its "
+                f"value is not comparable with MIMIR's runs ({MIMIR_MICRO_BATCH} per GPU)")
+    return None
+
+
 class PretrainTask:
     stage = "pretrain"
     validate_every = 0
 
-    def __init__(self, cfg: PretrainConfig):
+    @classmethod
+    def resolve(cls, cfg: PretrainConfig, shards: ShardSet) -> PretrainConfig:
+        return cfg  # self-supervised: nothing depends on the data
+
+    def __init__(self, cfg: PretrainConfig, env: DistEnv, device: torch.device):
         self.cfg = cfg
-        self.notes: list[str] = []
-        if cfg.objective.name is ObjectiveName.mimir and cfg.micro_batch < MIMIR_MICRO_BATCH // 4:
-            self.notes.append(f"warning: MIMIR's nHSIC term is computed over each micro-batch; at micro_batch "
-                              f"{cfg.micro_batch} its value is not comparable with MIMIR's runs "
-                              f"({MIMIR_MICRO_BATCH} per GPU)")
+        warning = mimir_micro_batch_warning(cfg)
+        if warning and env.is_main:  # the same on every rank: said once
+            log.warning(f"pretrain: {warning}")
 
-    def resolve(self, shards: ShardSet) -> PretrainConfig:
-        return self.cfg
-
-    def build(self, cfg: PretrainConfig) -> PretrainModule:
+    def build(self) -> PretrainModule:
+        cfg = self.cfg
         model = MaskedAutoencoder(cfg.model)
         model.set_grad_checkpointing(cfg.activation_checkpointing)
         return PretrainModule(model, build_objective(cfg.objective))
@@ -54,14 +66,15 @@ class PretrainTask:
     def param_groups(self, module: PretrainModule) -> list[dict]:
         return param_groups(module.model, self.cfg.optim.weight_decay)
 
-    def flops_per_image(self, cfg: PretrainConfig) -> float:
+    def flops_per_image(self) -> float:
+        cfg = self.cfg
         return training_flops_per_image(cfg.model, cfg.objective, cfg.micro_batch)
 
-    def validate(self, module, cfg, env, device, step) -> dict[str, float]:
+    def validate(self, module: PretrainModule, step: int) -> dict[str, float]:
         return {}
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
     from pipeline.engine.trainer import train
 
-    return train(cfg, PretrainTask(cfg))
+    return train(cfg, PretrainTask)

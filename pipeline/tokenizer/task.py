@@ -87,24 +87,24 @@ class TokenizerModule(nn.Module):
 class TokenizerTask:
     stage = "tokenizer"
 
-    def __init__(self, cfg: TokenizerConfig):
-        self.cfg = cfg
-        self.validate_every = cfg.validation.every_steps
-        self.notes: list[str] = []
-
-    def resolve(self, shards: ShardSet) -> TokenizerConfig:
-        cfg = self.cfg
+    @classmethod
+    def resolve(cls, cfg: TokenizerConfig, shards: ShardSet) -> TokenizerConfig:
+        """The config unchanged, once the data's images are known to fit the tokenizer."""
         check_input(cfg.model, cfg.data.image_size, cfg.data.channels, f"{cfg.data.shards} (data.image_size, "
                                                                         f"data.channels)")
         if cfg.model.resolution != cfg.data.image_size:
             raise UserError(f"model.resolution={cfg.model.resolution} differs from data.image_size="
                             f"{cfg.data.image_size}: set both to the training image size")
-        if self.validate_every:  # fail now, not at the first validation
+        if cfg.validation.every_steps:  # fail now, not at the first validation
             open_shards(cfg.data.shards, cfg.validation.split)
         return cfg
 
-    def build(self, cfg: TokenizerConfig) -> TokenizerModule:
-        world = dist.get_world_size() if dist.is_initialized() else 1
+    def __init__(self, cfg: TokenizerConfig, env: DistEnv, device: torch.device):
+        self.cfg, self.env, self.device = cfg, env, device
+        self.validate_every = cfg.validation.every_steps
+
+    def build(self) -> TokenizerModule:
+        cfg, world = self.cfg, self.env.world_size
         perceptual = load_lpips(cfg.loss.perceptual_weights) if cfg.loss.perceptual_weight > 0 else None
         return TokenizerModule(VQGAN(cfg.model), cfg.loss, cfg.accumulation(world), perceptual)
 
@@ -114,16 +114,17 @@ class TokenizerTask:
             groups += param_groups(module.discriminator, self.cfg.optim.weight_decay)
         return groups
 
-    def flops_per_image(self, cfg: TokenizerConfig) -> float:
+    def flops_per_image(self) -> float:
+        cfg = self.cfg
         flops = vqgan_flops(cfg.model, cfg.data.image_size, train=True)
         if cfg.loss.perceptual_weight > 0:
             flops += lpips_flops(cfg.data.channels, cfg.data.image_size)
         return flops
 
-    def validate(self, module: TokenizerModule, cfg: TokenizerConfig, env: DistEnv, device: torch.device,
-                 step: int) -> dict[str, float]:
+    def validate(self, module: TokenizerModule, step: int) -> dict[str, float]:
         """Mean squared reconstruction error in [0, 1] pixels and the codebook's perplexity
         over the validation split's tokens, each rank its exact chunk."""
+        cfg, env, device = self.cfg, self.env, self.device
         n_embed = cfg.model.n_embed
         totals = torch.zeros(2, device=device, dtype=torch.float64)  # [squared error sum, images]
         histogram = torch.zeros(n_embed, device=device, dtype=torch.float64)
@@ -143,4 +144,4 @@ class TokenizerTask:
 def train_tokenizer(cfg: TokenizerConfig) -> dict:
     from pipeline.engine.trainer import train
 
-    return train(cfg, TokenizerTask(cfg))
+    return train(cfg, TokenizerTask)
