@@ -1,11 +1,15 @@
 """DAT's step: the L2 perturbation around the VQGAN reconstruction, re-quantized into other codes."""
 
 import dataclasses
+import platform
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from robustmim.config import load_config
+from pipeline.engine.config import Precision, cpu_computes_bf16, uses_bf16
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.mixing import smooth_one_hot
 from pipeline.finetune.recipes import DiscreteAdversarial, build_recipe
@@ -65,11 +69,29 @@ def test_the_training_loss_is_clean_plus_discrete_adversarial_cross_entropy(dat_
 
 def test_the_bf16_tokenizer_option_discretizes_as_fp32_does_within_bf16_rounding(dat_parts):
     cfg, module, images = dat_parts
-    fp32 = module.recipe.discretize(module, images)
-    dat = dataclasses.replace(cfg.recipe.dat, tokenizer_bf16=True)
-    bf16 = build_recipe(dataclasses.replace(cfg.recipe, dat=dat), 10).discretize(module, images)
+
+    def discretize(precision):
+        dat = dataclasses.replace(cfg.recipe.dat, tokenizer_precision=Precision(precision))
+        return build_recipe(dataclasses.replace(cfg.recipe, dat=dat), 10).discretize(module, images)
+
+    fp32 = module.recipe.discretize(module, images)  # auto, under this fp32 step
+    bf16 = discretize("bf16")
     assert bf16.dtype == images.dtype == torch.float32 and not torch.equal(bf16, fp32)  # it ran in bf16
     assert (bf16 - fp32).abs().mean() < 0.01, (bf16 - fp32).abs().mean()
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the engine's autocast (GPUs): left on when the option is off
-        inside = module.recipe.discretize(module, images)
-    assert not torch.equal(inside, fp32)
+    # bf16_native: bf16 on a CPU with bf16 instructions, as the step (fp32) on one without
+    assert torch.equal(discretize("bf16_native"), bf16 if cpu_computes_bf16() else fp32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 training step (GPUs)
+        assert torch.equal(module.recipe.discretize(module, images), bf16)  # auto: as the step
+        assert torch.equal(discretize("fp32"), fp32)  # fp32: out of the step's autocast
+    with pytest.raises(ValueError, match="bf16_weights is a training mode"):
+        dataclasses.replace(cfg.recipe.dat, tokenizer_precision=Precision.bf16_weights)
+
+
+def test_bf16_native_follows_the_cpu_s_own_flags():
+    """torch's runtime detection against the kernel's view of the same CPU (/proc/cpuinfo)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and platform.machine() == "x86_64":  # the machines robustmim's CI runs on
+        flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo.read_text(), re.M).group(1).split())
+        assert cpu_computes_bf16() == bool(flags & {"amx_bf16", "avx512_bf16"})
+    assert uses_bf16(Precision.bf16_native, on_gpu=False) == cpu_computes_bf16()
+    assert uses_bf16(Precision.bf16_native, on_gpu=True) and not uses_bf16(Precision.auto, on_gpu=False)

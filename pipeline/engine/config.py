@@ -18,6 +18,11 @@ class Precision(enum.Enum):
     auto = "auto"  # bf16 autocast on GPU, fp32 on CPU (bf16 is 14-23x slower on CPUs without it)
     fp32 = "fp32"
     bf16 = "bf16"  # fp32 weights, matmuls under bf16 autocast (weights re-cast to bf16 every forward)
+    # bf16 autocast where the hardware computes bf16: GPUs, and CPUs with AMX-BF16 or AVX512-BF16
+    # (x86) or BF16 (ARM) instructions; fp32 on other CPUs, where bf16 is emulated. For
+    # convolutional networks (the VQGAN tokenizer) on such a CPU: 1.7-2x faster than fp32, where
+    # the tiny ViTs' small matmuls are 10-25% slower.
+    bf16_native = "bf16_native"
     # Training only: DeepSpeed's bf16 mode, bf16 weights and gradients with fp32 master weights in
     # the (ZeRO-sharded) optimizer, under the same autocast, so norms, losses and noise stay fp32.
     # No per-forward weight cast; exports read the fp32 masters. Needs zero_stage >= 1.
@@ -26,7 +31,21 @@ class Precision(enum.Enum):
 
 def uses_bf16(precision: Precision, on_gpu: bool) -> bool:
     """Whether the forward runs under bf16 autocast."""
+    if precision is Precision.bf16_native:
+        return on_gpu or cpu_computes_bf16()
     return precision in (Precision.bf16, Precision.bf16_weights) or (precision is Precision.auto and on_gpu)
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (x86 AMX-BF16 or AVX512-BF16, ARM BF16 or SVE-BF16),
+    as torch's runtime detection reports them; False where this torch cannot tell."""
+    import torch  # here, not at the top: configs load without torch
+
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is None:
+        return False
+    found = capabilities()
+    return any(found.get(name) for name in ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16"))
 
 
 def compiles(setting: bool | None, on_gpu: bool) -> bool:

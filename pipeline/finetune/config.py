@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 from pipeline.data.accounting import RunLength
-from pipeline.engine.config import EngineConfig, OptimConfig, ValidationConfig
+from pipeline.engine.config import EngineConfig, OptimConfig, Precision, ValidationConfig
 from pipeline.models.config import ClassifierConfig
 
 
@@ -100,16 +100,21 @@ class DATConfig:
     step_size: float = 0.1  # the L2 step (one step: easyrobust's 0.1)
     random_start_prob: float = 0.8  # chance per batch of starting at a random point on the sphere
     adversarial_weight: float = 1.0  # on the cross-entropy of the discrete adversarial images
-    # Run the frozen VQGAN's two round trips per step under bf16 autocast even when training runs
-    # in fp32: convolutions are ~2x faster in bf16 on CPUs with AMX (78 vs 155 ms per 32 images on
-    # one core here), where the ViT's small matmuls are not. On GPUs precision=auto covers it.
-    tokenizer_bf16: bool = False
+    # The precision of the frozen VQGAN's two round trips per step. auto: as the training step
+    # (precision); bf16 / bf16_native: under bf16 autocast (bf16_native: where the hardware computes
+    # bf16) even when training runs in fp32: convolutions are ~2x faster in bf16 on CPUs with AMX
+    # (78 vs 155 ms per 32 images on one core here), where the ViT's small matmuls are not;
+    # fp32: in fp32 even under a bf16 training step.
+    tokenizer_precision: Precision = Precision.auto
 
     def __post_init__(self) -> None:
         if self.epsilon <= 0 or self.step_size <= 0 or self.adversarial_weight < 0:
             raise ValueError("recipe.dat needs epsilon > 0, step_size > 0 and adversarial_weight >= 0")
         if not 0 <= self.random_start_prob <= 1:
             raise ValueError(f"recipe.dat.random_start_prob must be in [0, 1], got {self.random_start_prob}")
+        if self.tokenizer_precision is Precision.bf16_weights:
+            raise ValueError("recipe.dat.tokenizer_precision: bf16_weights is a training mode; the tokenizer is "
+                             "frozen (auto, fp32, bf16 or bf16_native)")
 
 
 @dataclass

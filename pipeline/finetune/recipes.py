@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.attacks import normalized_l2, pgd_linf, project_l2
+from pipeline.engine.config import Precision, uses_bf16
 from pipeline.finetune.config import RecipeConfig, RecipeName
 from pipeline.finetune.mixing import BatchMixer, random_erase, soft_cross_entropy
 from pipeline.models.deployed import denoise
@@ -116,10 +117,8 @@ class DiscreteAdversarial(Recipe):
         return project_l2(adv.detach() + cfg.step_size * normalized_l2(grad), quantized, cfg.epsilon)
 
     def discretize(self, module, images01: torch.Tensor) -> torch.Tensor:
-        """VQ(x) through the frozen tokenizer, in the images' dtype (bf16 inside when asked; an
-        autocast(enabled=False) here would switch off the engine's own autocast on GPUs)."""
-        bf16 = self.cfg.dat.tokenizer_bf16
-        with torch.no_grad(), torch.autocast(images01.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+        """VQ(x) through the frozen tokenizer, in the images' dtype, at recipe.dat.tokenizer_precision."""
+        with torch.no_grad(), round_trip_precision(self.cfg.dat.tokenizer_precision, images01.device):
             return reconstruct(module.tokenizer, images01).to(images01.dtype)
 
     def __call__(self, module, images01, labels, generator):
@@ -131,6 +130,16 @@ class DiscreteAdversarial(Recipe):
         adversarial = soft_cross_entropy(module.model(discrete), targets)
         loss = clean + self.cfg.dat.adversarial_weight * adversarial
         return loss, {"loss": loss.detach(), "clean": clean.detach(), "adversarial": adversarial.detach()}
+
+
+def round_trip_precision(precision: Precision, device: torch.device):
+    """The autocast context of DAT's frozen-tokenizer round trips; auto (or bf16_native on a CPU
+    without bf16 instructions) leaves the training step's own autocast as it is."""
+    if precision is Precision.fp32:
+        return torch.autocast(device.type, enabled=False)
+    if precision is not Precision.auto and uses_bf16(precision, device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 RECIPES = {RecipeName.standard: Standard, RecipeName.de3: DenoisedTraining,
