@@ -25,7 +25,7 @@ from pipeline.models.classifier import ViTClassifier
 from pipeline.engine.config import compiles
 from pipeline.models.config import ClassifierConfig
 from pipeline.models.vit import compile_blocks
-from pipeline.models.deployed import DefenseKind, DeploymentSpec
+from pipeline.models.deployed import DefenseKind, DeploymentSpec, deployed_model
 from eval.attacks import pgd_attack
 from eval.config import PGDConfig
 from eval.model import EvalModel
@@ -47,7 +47,7 @@ def measure(encoder: str, batch: int, steps: int, eot: int, repeats: int = 2, co
     defense = DefenseKind.smoothing if eot > 1 else DefenseKind.none
     spec = DeploymentSpec(method="bench", weights="-", classifier=cfg, defense=defense, sigma=0.25)
     attack = load_config(PGDConfig, None, ["epsilons=[0.0157]", f"steps={steps}", f"eot={eot}", "score_draws=1"])
-    eval_model = EvalModel(model, spec)
+    eval_model = EvalModel(deployed_model(defense, model, spec.sigma), spec)
     images = torch.rand(batch, channels, size, size, device=device)
     labels = torch.zeros(batch, dtype=torch.long, device=device)
     bf16 = device.type == "cuda"

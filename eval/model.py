@@ -2,9 +2,9 @@
 sample from that sample's generator.
 
 - plain classifiers are deterministic: one draw, no noise;
-- De³ draws its Gaussian noise (then denoises and classifies), differentiably;
-- DMAE's base classifier is evaluated under its smoothing noise (the smoothed classifier's
-  empirical behaviour); certification uses the base classifier directly (eval/certify.py).
+- randomized models (De³, DMAE's smoothing base) take one standard normal draw per sample,
+  which the deployed model itself scales and applies (pipeline/models/deployed.py);
+  certification calls the classifier inside directly (eval/certify.py).
 
 Memory: the weights are frozen (an attack needs gradients with respect to the input only), and
 EOT gradients are accumulated one noise draw at a time, so an attack on a ViT-L holds one
@@ -23,20 +23,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.models.deployed import DefenseKind, DeploymentSpec
+from pipeline.models.deployed import DeployedModel, DeploymentSpec
 from pipeline.randomness import per_sample_normal
 
 
 class EvalModel:
-    def __init__(self, module: nn.Module, spec: DeploymentSpec):
+    def __init__(self, module: DeployedModel, spec: DeploymentSpec):
         self.module, self.spec = module.eval().requires_grad_(False), spec
-        self.randomized = spec.defense in (DefenseKind.denoise, DefenseKind.smoothing)
+        self.randomized = module.randomized
         self.num_classes = spec.classifier.num_classes
 
     @property
     def base_classifier(self) -> nn.Module:
         """The deterministic classifier inside (what randomized smoothing certifies)."""
-        return getattr(self.module, "classifier", self.module)
+        return self.module.classifier
 
     def noise(self, images01: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor | None:
         """One draw of each sample's noise from its generator (None for deterministic models)."""
@@ -46,11 +46,7 @@ class EvalModel:
 
     def forward(self, images01: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """Logits for the given noise draw (fp32, also when the matmuls run under bf16 autocast)."""
-        if noise is None:
-            return self.module(images01).float()
-        if self.spec.defense is DefenseKind.denoise:
-            return self.module(images01, noise=noise).float()
-        return self.module(images01 + self.spec.sigma * noise).float()
+        return self.module(images01, noise).float()
 
     def logits(self, images01: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """One forward with one noise draw per sample (none for deterministic models)."""

@@ -23,7 +23,7 @@ from robustmim.errors import UserError
 from pipeline.data.config import LoaderConfig
 from pipeline.data.dali import DaliLoader
 from pipeline.models.classifier import ViTClassifier
-from pipeline.models.deployed import DefenseKind, DeploymentSpec
+from pipeline.models.deployed import DefenseKind, DeploymentSpec, deployed_model
 from eval.apgd import autoattack, checkpoints, dlr_untargeted
 from eval.attack_names import attack_key, attack_label, attack_labels, autoattack_fields, pgd_fields, planned_attacks
 from eval.attacks import pgd_attack
@@ -88,6 +88,11 @@ def smoothing_spec(sigma: float = 0.25):
                           defense=DefenseKind.smoothing, sigma=sigma)
 
 
+def eval_model(network, spec: DeploymentSpec) -> EvalModel:
+    """The evaluation's view of `network` deployed as `spec` says (as `load_deployed` builds it)."""
+    return EvalModel(deployed_model(spec.defense, network, spec.sigma), spec)
+
+
 # Fashion-MNIST's usual budgets (L-inf 0.1, L2 1.0): at 8/255 this small model kept 0.30 of its
 # 0.41 on one CPU and 0.17 on another (its training differs in the last bits between CPUs).
 @pytest.mark.parametrize("norm_name, epsilon", [("linf", 0.1), ("l2", 1.0)])
@@ -100,7 +105,7 @@ def test_pgd_respects_the_budget_and_breaks_a_trained_model(trained, norm_name, 
             seen.append(images01.detach().clone())
             return super().eot_loss_and_grad(images01, *args)
 
-    model = Watched(trained["model"], plain_spec())
+    model = Watched(deployed_model(DefenseKind.none, trained["model"], 0.0), plain_spec())
     clean = (trained["model"](images).argmax(-1) == labels).float().mean().item()
     cfg = load_config(PGDConfig, None, [f"norm={norm_name}", f"epsilons=[{epsilon}]", "steps=20"])
     result, = pgd_attack(model, images, labels, list(range(len(labels))), cfg, 0, seed=0)
@@ -116,7 +121,7 @@ def test_pgd_respects_the_budget_and_breaks_a_trained_model(trained, norm_name, 
 @pytest.mark.slow
 def test_apgd_cascade_stays_in_the_ball_and_is_at_least_as_strong_as_pgd(trained):
     images, labels = val_batch(trained["shards"], 64)
-    model = EvalModel(trained["model"], plain_spec())
+    model = eval_model(trained["model"], plain_spec())
     aa = load_config(AutoAttackConfig, None, ["enabled=true", "version=apgd", "epsilon=0.0157", "steps=20",
                                               "targets=3"])
     pgd, = pgd_attack(model, images, labels, list(range(64)), load_config(PGDConfig, None, ["epsilons=[0.0157]",
@@ -143,7 +148,7 @@ def test_apgd_matches_torchattacks_apgd_on_the_same_model_and_inputs(trained):
     eps, steps, targets = 0.0157, 20, 3
     aa = load_config(AutoAttackConfig, None, ["enabled=true", "version=apgd", f"epsilon={eps}", f"steps={steps}",
                                               f"targets={targets}"])
-    ours = autoattack(EvalModel(network, plain_spec()), images, labels, list(range(200)), aa, seed=0)
+    ours = autoattack(eval_model(network, plain_spec()), images, labels, list(range(200)), aa, seed=0)
 
     def robust(adv, y):
         with torch.no_grad():
@@ -174,7 +179,7 @@ def test_apgd_on_a_randomized_model_is_not_weaker_than_pgd(trained):
     iterate a majority of its 4 EOT draws misclassified gave 5 / 10, its iterate of highest EOT
     loss alone 5 / 7. The vote's own sampling allows one image either way."""
     images, labels = val_batch(trained["shards"], 64)
-    model = EvalModel(trained["model"], smoothing_spec())
+    model = eval_model(trained["model"], smoothing_spec())
     indices = list(range(64))
     pgd, = pgd_attack(model, images, labels, indices, load_config(PGDConfig, None, [
         "epsilons=[0.1]", "steps=20", "eot=4", "score_draws=8"]), 0, seed=0)
@@ -195,7 +200,7 @@ def test_standard_autoattack_runs_the_whole_suite_after_apgd_ce(trained):
     import torchattacks
 
     images, labels = val_batch(trained["shards"], 48)
-    model = EvalModel(trained["model"], plain_spec())
+    model = eval_model(trained["model"], plain_spec())
     aa = load_config(AutoAttackConfig, None, ["enabled=true", "version=standard", "epsilon=0.0157", "steps=10",
                                               "targets=2", "square_queries=20"])
     indices = list(range(100, 148))
@@ -212,12 +217,12 @@ def test_standard_autoattack_runs_the_whole_suite_after_apgd_ce(trained):
     assert suite["correct"].sum() < clean.sum()
     assert (suite["distance"] <= 0.0157 + 1e-6).all()
     with pytest.raises(UserError, match="autoattack.version=rand"):
-        autoattack(EvalModel(trained["model"], smoothing_spec()), images, labels, indices, aa, seed=3)
+        autoattack(eval_model(trained["model"], smoothing_spec()), images, labels, indices, aa, seed=3)
 
 
 def test_rand_autoattack_adds_untargeted_apgd_dlr_with_eot(trained):
     images, labels = val_batch(trained["shards"], 24)
-    model = EvalModel(trained["model"], smoothing_spec())
+    model = eval_model(trained["model"], smoothing_spec())
     aa = load_config(AutoAttackConfig, None, ["enabled=true", "version=rand", "epsilon=0.05", "steps=5", "eot=2",
                                               "score_draws=3"])
     results = autoattack(model, images, labels, list(range(24)), aa, seed=0)
@@ -292,7 +297,7 @@ def saved_bytes_peak(fn) -> int:
 
 def test_eot_gradients_are_exact_and_their_memory_does_not_grow_with_the_draws(trained):
     images, labels = val_batch(trained["shards"], 16)
-    model = EvalModel(trained["model"], smoothing_spec())
+    model = eval_model(trained["model"], smoothing_spec())
     assert not any(p.requires_grad for p in model.module.parameters())  # an attack needs input gradients only
     indices = list(range(16))
 
@@ -322,7 +327,7 @@ def test_compacted_attacks_give_the_records_of_full_attacks(trained, defense):
     exactly the results of attacking every sample every time."""
     images, labels = val_batch(trained["shards"], 24)
     spec = plain_spec() if defense == "plain" else smoothing_spec()
-    model = EvalModel(trained["model"], spec)
+    model = eval_model(trained["model"], spec)
     indices = list(range(100, 124))
     pgd = load_config(PGDConfig, None, ["epsilons=[0.03, 0.01]", "steps=3", "restarts=2", "eot=2", "score_draws=3"])
     aa = load_config(AutoAttackConfig, None, ["enabled=true", "version=apgd", "epsilon=0.02", "steps=4", "targets=3",
@@ -344,7 +349,7 @@ def test_compacted_attacks_give_the_records_of_full_attacks(trained, defense):
 def test_bf16_autocast_agrees_with_fp32_on_predictions_and_robust_accuracy(trained):
     """Stated tolerance: >= 97% of clean predictions equal, PGD robust accuracy within 5 points."""
     images, labels = val_batch(trained["shards"], 128)
-    model = EvalModel(trained["model"], plain_spec())
+    model = eval_model(trained["model"], plain_spec())
     pgd = load_config(PGDConfig, None, ["epsilons=[0.0157]", "steps=5"])
     outcome = {}
     for name, bf16 in (("fp32", False), ("bf16", True)):
@@ -369,7 +374,7 @@ def test_compiled_blocks_give_the_eager_logits_and_attack_outcomes(trained):
     assert compile_blocks(compiled_module) == len(compiled_module.blocks)
     pgd = load_config(PGDConfig, None, ["epsilons=[0.05]", "steps=3", "eot=2"])
     for spec in (plain_spec(), smoothing_spec()):
-        eager, compiled = EvalModel(copy.deepcopy(trained["model"]), spec), EvalModel(compiled_module, spec)
+        eager, compiled = eval_model(copy.deepcopy(trained["model"]), spec), eval_model(compiled_module, spec)
         noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0)) if eager.randomized else None
         with torch.no_grad():
             assert torch.allclose(compiled.forward(images, noise), eager.forward(images, noise), rtol=1e-4, atol=1e-5)
@@ -386,11 +391,11 @@ class Constant(nn.Module):
 def test_a_constant_classifier_is_unaffected_by_pgd_and_apgd():
     images, labels = torch.rand(8, 1, 28, 28), torch.full((8,), 1)
     spec = DeploymentSpec(method="standard", weights="-", classifier=tiny_classifier_config(num_classes=3))
-    result, = pgd_attack(EvalModel(Constant(), spec), images, labels, list(range(8)),
+    result, = pgd_attack(eval_model(Constant(), spec), images, labels, list(range(8)),
                          load_config(PGDConfig, None, ["steps=5"]), 0, seed=0)
     assert result["correct"].all()
     aa = load_config(AutoAttackConfig, None, ["version=apgd", "steps=5", "targets=0"])
-    assert autoattack(EvalModel(Constant(), spec), images, labels, list(range(8)), aa, seed=0)["aa"]["correct"].all()
+    assert autoattack(eval_model(Constant(), spec), images, labels, list(range(8)), aa, seed=0)["aa"]["correct"].all()
 
 
 @pytest.mark.parametrize("k, n, alpha", [(9990, 10000, 0.001), (600, 1000, 0.001), (51, 100, 0.05),

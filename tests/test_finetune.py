@@ -14,7 +14,7 @@ from pipeline.data.dali import DaliLoader
 from pipeline.engine.checkpoint import LATEST
 from pipeline.engine.export import export_checkpoint
 from pipeline.engine.metrics import read_metrics
-from pipeline.models.deployed import DefenseKind, DenoiseThenClassify, load_deployed
+from pipeline.models.deployed import DefenseKind, DenoiseThenClassify, SmoothingBase, load_deployed
 
 from helpers import finish, last_step, run_stage, wait_for
 
@@ -42,7 +42,7 @@ def recipe_settings(shards, out_dir, init, **extra) -> dict:
             "recipe.mimir.steps": 1, "recipe.mimir.step_size": 10 / 255, **extra}
 
 
-def validation_top1(deployed, spec, shards, every_nth, sigma=0.0) -> float:
+def validation_top1(deployed, shards, every_nth) -> float:
     data = load_config(LoaderConfig, None, [f"shards={shards}", "split=val", "image_size=28", "channels=1",
                                             "num_threads=1", "eval_crop_fraction=1.0", "augment=false",
                                             "batch_size=500"])
@@ -53,10 +53,7 @@ def validation_top1(deployed, spec, shards, every_nth, sigma=0.0) -> float:
         for index, batch in enumerate(loader):
             keep = [i for i in range(batch.labels.shape[0]) if (index * 500 + i) % every_nth == 0]
             images, labels = batch.images[keep], batch.labels[keep]
-            if isinstance(deployed, DenoiseThenClassify):
-                logits = deployed(images, generator)
-            else:
-                logits = deployed(images + sigma * torch.randn(images.shape, generator=generator))
+            logits = deployed(images, deployed.draw_noise(images, generator))
             correct += int((logits.argmax(-1) == labels).sum())
             seen += len(keep)
     return correct / seen
@@ -94,10 +91,10 @@ def test_each_recipe_learns_and_exports_its_deployed_model(tmp_path, fashion_sha
     if defense is DefenseKind.denoise:
         assert isinstance(deployed, DenoiseThenClassify) and spec.sigma == pytest.approx(70 / 255)
         assert (tmp_path / "export" / spec.denoiser.weights).is_file()
-    if defense is DefenseKind.smoothing:
-        assert spec.sigma == 0.25
-    sigma = spec.sigma if defense is DefenseKind.smoothing else 0
-    top1 = validation_top1(deployed, spec, fashion_shards, 5, sigma=sigma)
+    if defense is DefenseKind.smoothing:  # the base classifier under sigma times the caller's noise
+        assert isinstance(deployed, SmoothingBase) and spec.sigma == deployed.sigma == 0.25
+    assert deployed.randomized == (defense is not DefenseKind.none)
+    top1 = validation_top1(deployed, fashion_shards, 5)
     if defense is DefenseKind.none:  # deterministic: the export reproduces the run's own validation
         assert top1 == validation[0]["val_top1"]
     else:  # other noise draws: close to the run's figure

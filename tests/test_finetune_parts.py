@@ -193,7 +193,7 @@ def test_de3_module_passes_gradients_to_its_input_through_the_denoiser():
     denoiser, classifier = MaskedAutoencoder(tiny_model_config()), ViTClassifier(tiny_classifier_config(drop_path=0.0))
     deployed = DenoiseThenClassify(denoiser, classifier, sigma=0.1, norm_pix=True).eval()
     images = torch.rand(4, 1, 28, 28, requires_grad=True)
-    deployed(images, generator(0)).logsumexp(-1).sum().backward()
+    deployed(images, deployed.draw_noise(images, generator(0))).logsumexp(-1).sum().backward()
     assert images.grad is not None and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
     assert all(p.grad is None for p in denoiser.parameters())  # frozen, yet differentiable w.r.t. input
     noise = torch.randn(4, 1, 28, 28)

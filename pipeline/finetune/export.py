@@ -12,20 +12,19 @@ from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_json, sha256_of_file
 from pipeline.engine.export import consolidated_state_dict, save_safetensors
 from pipeline.finetune.config import FinetuneConfig, RecipeName
-from pipeline.finetune.task import read_autoencoder_export
+from pipeline.finetune.task import deployment_of, read_autoencoder_export
 from pipeline.models.deployed import DefenseKind, DenoiserSpec, DeploymentSpec
 from pipeline.models.weights import read_state_dict
 
 
 def deployment_spec(cfg: FinetuneConfig, weights: str, denoiser_weights: str, trained: dict) -> DeploymentSpec:
     recipe = cfg.recipe
-    spec = DeploymentSpec(method=recipe.name.value, weights=weights, classifier=cfg.model, trained=trained)
-    if recipe.name is RecipeName.de3:
+    defense, sigma = deployment_of(recipe)
+    spec = DeploymentSpec(method=recipe.name.value, weights=weights, classifier=cfg.model, defense=defense,
+                          sigma=sigma, trained=trained)
+    if defense is DefenseKind.denoise:
         model, norm_pix = read_autoencoder_export(recipe.de3.denoiser)
-        spec.defense, spec.sigma = DefenseKind.denoise, recipe.de3.deploy_sigma / 255
         spec.denoiser = DenoiserSpec(weights=denoiser_weights, model=model, norm_pix=norm_pix)
-    elif recipe.name is RecipeName.dmae:
-        spec.defense, spec.sigma = DefenseKind.smoothing, recipe.dmae.sigma
     return spec
 
 

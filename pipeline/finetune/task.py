@@ -18,16 +18,16 @@ from pipeline.data.shardset import ShardSet, open_shards
 from pipeline.dist import DistEnv
 from pipeline.engine.optim import layer_decay_groups
 from pipeline.engine.validation import validation_batches
-from pipeline.finetune.config import FinetuneConfig, RecipeName
+from pipeline.finetune.config import FinetuneConfig, RecipeConfig, RecipeName
 from pipeline.finetune.recipes import build_recipe
 from pipeline.flops import FUSED_ATTENTION_BACKWARD, autoencoder_pass, classifier_pass, vqgan_flops
 from pipeline.models.classifier import ViTClassifier, load_pretrained_encoder
 from pipeline.models.config import ModelConfig, VQGANConfig
-from pipeline.models.deployed import DenoiseThenClassify
+from pipeline.models.deployed import DefenseKind, DeployedModel, deployed_model
 from pipeline.models.mae import MaskedAutoencoder
 from pipeline.models.vqgan import VQGAN, check_input
 from pipeline.models.weights import load_weights
-from pipeline.randomness import gaussian_like, validation_generator
+from pipeline.randomness import validation_generator
 from pipeline.tokenizer.export import load_tokenizer
 
 log = get_logger(__name__)
@@ -116,6 +116,15 @@ class FinetuneModule(nn.Module):
         return self.recipe(self, images, labels, generator)
 
 
+def deployment_of(recipe: RecipeConfig) -> tuple[DefenseKind, float]:
+    """What a recipe deploys: its defense and that defense's sigma in [0, 1] pixels."""
+    if recipe.name is RecipeName.de3:
+        return DefenseKind.denoise, recipe.de3.deploy_sigma / 255
+    if recipe.name is RecipeName.dmae:
+        return DefenseKind.smoothing, recipe.dmae.sigma
+    return DefenseKind.none, 0.0
+
+
 class FinetuneTask:
     stage = "finetune"
 
@@ -165,12 +174,10 @@ class FinetuneTask:
     def flops_per_image(self) -> float:
         return finetune_flops_per_image(self.cfg, self.denoiser_config, self.tokenizer.cfg if self.tokenizer else None)
 
-    def deployed(self, module: FinetuneModule) -> nn.Module:
-        """The model as the eval stage will load it (DMAE: its base classifier under one noise draw)."""
-        if module.denoiser is not None:
-            return DenoiseThenClassify(module.denoiser, module.model, self.cfg.recipe.de3.deploy_sigma / 255,
-                                       module.denoiser_norm_pix)
-        return module.model
+    def deployed(self, module: FinetuneModule) -> DeployedModel:
+        """The model as the eval stage will load it from the export."""
+        defense, sigma = deployment_of(self.cfg.recipe)
+        return deployed_model(defense, module.model, sigma, module.denoiser, module.denoiser_norm_pix)
 
     def validate(self, module: FinetuneModule, step: int) -> dict[str, float]:
         """Top-1 of the deployed model on the validation split, each rank its exact chunk."""
@@ -179,13 +186,7 @@ class FinetuneTask:
         deployed = self.deployed(module)
         counts = torch.zeros(2, device=device, dtype=torch.float64)  # [correct, seen]
         for images, labels in validation_batches(cfg, cfg.validation, env):
-            if cfg.recipe.name is RecipeName.dmae:
-                noise = gaussian_like(images, generator)
-                logits = deployed(images + cfg.recipe.dmae.sigma * noise)
-            elif isinstance(deployed, DenoiseThenClassify):
-                logits = deployed(images, generator)
-            else:
-                logits = deployed(images)
+            logits = deployed(images, deployed.draw_noise(images, generator))
             counts[0] += (logits.argmax(dim=-1) == labels.to(device)).sum()
             counts[1] += images.shape[0]
         dist.all_reduce(counts)

@@ -1,11 +1,16 @@
-"""The models each defense deploys, and the export format the eval stage loads.
+"""The models each defense deploys, behind one interface, and the export format the eval stage loads.
 
-- plain (MAE, MIMIR): the classifier on [0, 1] images.
-- De³ (NIM): add Gaussian noise at a chosen sigma, denoise with the frozen NIM autoencoder,
-  clamp to [0, 1], classify. One module, differentiable end to end, so attacks go through the
-  denoiser; its noise comes from the caller's generator (or an explicit noise tensor).
-- randomized smoothing (DMAE): the base classifier alone; the smoothing noise and the vote
-  belong to the certification procedure.
+A deployed model maps [0, 1] images and one noise draw (a standard normal tensor of the images'
+shape, drawn by the caller from its generator; None for a deterministic model) to logits;
+`randomized` says whether it takes noise, `classifier` is the network inside. Fine-tuning's
+validation and the evaluation call it alike, without asking which recipe made it:
+
+- plain (MAE recipe, MIMIR, DAT): the classifier on [0, 1] images.
+- De³ (NIM): add the noise at the chosen sigma, denoise with the frozen NIM autoencoder, clamp
+  to [0, 1], classify. Differentiable end to end, so attacks go through the denoiser.
+- randomized smoothing (DMAE): the base classifier on the image plus sigma times the noise (the
+  smoothed classifier's empirical behaviour under one draw); certification calls `classifier`
+  itself with its own noise and vote.
 
 `DeploymentSpec` is the JSON written beside a classifier export: enough to rebuild exactly the
 module above from files, without the training config.
@@ -39,28 +44,72 @@ def denoise(denoiser: MaskedAutoencoder, noisy01: torch.Tensor, sigma: torch.Ten
     return denoiser.reconstruct_image(out.pred, noisy01, norm_pix, noise_sigma=sigma)
 
 
-class DenoiseThenClassify(nn.Module):
-    """De³: f(clamp(D(x + sigma * noise), 0, 1)) with one noise draw per call."""
-
-    def __init__(self, denoiser: MaskedAutoencoder, classifier: ViTClassifier, sigma: float, norm_pix: bool):
-        super().__init__()
-        self.denoiser, self.classifier = denoiser, classifier
-        self.sigma, self.norm_pix = sigma, norm_pix
-        for param in denoiser.parameters():
-            param.requires_grad_(False)
-
-    def forward(self, images01: torch.Tensor, generator: Optional[torch.Generator] = None,
-                noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if noise is None:
-            noise = gaussian_like(images01, generator)
-        noisy = images01 + self.sigma * noise
-        return self.classifier(denoise(self.denoiser, noisy, self.sigma, self.norm_pix).clamp(0, 1))
-
-
 class DefenseKind(enum.Enum):
     none = "none"  # the classifier alone
     denoise = "denoise"  # De³: noise, NIM denoiser, classifier
     smoothing = "smoothing"  # base classifier of randomized smoothing at `sigma`
+
+
+class DeployedModel(nn.Module):
+    """forward(images01, noise) -> logits under that noise draw (module docstring)."""
+
+    randomized: bool
+
+    def __init__(self, classifier: ViTClassifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def draw_noise(self, images01: torch.Tensor, generator: torch.Generator) -> Optional[torch.Tensor]:
+        """One noise draw for the whole batch from `generator` (None when not randomized)."""
+        return gaussian_like(images01, generator) if self.randomized else None
+
+
+class Plain(DeployedModel):
+    randomized = False
+
+    def forward(self, images01: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.classifier(images01)
+
+
+class DenoiseThenClassify(DeployedModel):
+    """De³: f(clamp(D(x + sigma * noise), 0, 1))."""
+
+    randomized = True
+
+    def __init__(self, denoiser: MaskedAutoencoder, classifier: ViTClassifier, sigma: float, norm_pix: bool):
+        super().__init__(classifier)
+        self.denoiser, self.sigma, self.norm_pix = denoiser, sigma, norm_pix
+        for param in denoiser.parameters():
+            param.requires_grad_(False)
+
+    def forward(self, images01: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        noisy = images01 + self.sigma * noise
+        return self.classifier(denoise(self.denoiser, noisy, self.sigma, self.norm_pix).clamp(0, 1))
+
+
+class SmoothingBase(DeployedModel):
+    """Randomized smoothing's base classifier under one draw of its noise: f(x + sigma * noise)."""
+
+    randomized = True
+
+    def __init__(self, classifier: ViTClassifier, sigma: float):
+        super().__init__(classifier)
+        self.sigma = sigma
+
+    def forward(self, images01: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.classifier(images01 + self.sigma * noise)
+
+
+def deployed_model(defense: DefenseKind, classifier: ViTClassifier, sigma: float,
+                   denoiser: Optional[MaskedAutoencoder] = None, norm_pix: bool = True) -> DeployedModel:
+    """The deployed model of a defense around its classifier (and De³'s denoiser)."""
+    if defense is DefenseKind.denoise:
+        if denoiser is None:
+            raise ValueError("a De³ deployment needs its denoiser")
+        return DenoiseThenClassify(denoiser, classifier, sigma, norm_pix)
+    if defense is DefenseKind.smoothing:
+        return SmoothingBase(classifier, sigma)
+    return Plain(classifier)
 
 
 @dataclass
@@ -106,17 +155,16 @@ def read_spec(path: str | Path) -> DeploymentSpec:
     return spec
 
 
-def load_deployed(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, DeploymentSpec]:
-    """The deployed module (eval mode, on `device`) and its spec, from an export's JSON."""
+def load_deployed(path: str | Path, device: torch.device | str = "cpu") -> tuple[DeployedModel, DeploymentSpec]:
+    """The deployed model (eval mode, on `device`) and its spec, from an export's JSON."""
     spec = read_spec(path)
     folder = Path(path).parent
     classifier = ViTClassifier(spec.classifier)
     load_weights(classifier, folder / spec.weights, strict=True)
-    module: nn.Module = classifier
+    denoiser, norm_pix = None, True
     if spec.defense is DefenseKind.denoise:
         if spec.denoiser is None:
             raise UserError(f"{path}: defense 'denoise' needs a 'denoiser' section")
-        denoiser = MaskedAutoencoder(spec.denoiser.model)
+        denoiser, norm_pix = MaskedAutoencoder(spec.denoiser.model), spec.denoiser.norm_pix
         load_weights(denoiser, folder / spec.denoiser.weights, strict=True)
-        module = DenoiseThenClassify(denoiser, classifier, spec.sigma, spec.denoiser.norm_pix)
-    return module.to(device).eval(), spec
+    return deployed_model(spec.defense, classifier, spec.sigma, denoiser, norm_pix).to(device).eval(), spec
