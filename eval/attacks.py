@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.attacks import normalized_l2, project_l2, project_linf
+from pipeline.attacks import normalized_l2, pgd, project_l2, uniform_linf_start
 from eval.config import AttackLoss, Norm, PGDConfig
 from eval.model import EvalModel
 from eval.sampling import ATTACK
@@ -27,10 +27,11 @@ def attack_loss(log_probs: torch.Tensor, labels: torch.Tensor, kind: AttackLoss)
 
 
 def random_start(clean: torch.Tensor, norm: Norm, epsilon: float, generators) -> torch.Tensor:
+    """A uniform point of the L-inf ball, or a point of the L2 ball at a uniform radius along a
+    uniform direction, each sample's from its own generator."""
     shape = tuple(clean.shape[1:])
     if norm is Norm.linf:
-        delta = (per_sample_uniform(generators, shape, clean.device) * 2 - 1) * epsilon
-        return (clean + delta).clamp(0, 1)
+        return uniform_linf_start(clean, epsilon, per_sample_uniform(generators, shape, clean.device))
     direction = normalized_l2(per_sample_normal(generators, shape, clean.device))
     radius = per_sample_uniform(generators, (1,) * len(shape), clean.device) * epsilon
     return project_l2(clean + direction * radius, clean, epsilon)
@@ -39,16 +40,13 @@ def random_start(clean: torch.Tensor, norm: Norm, epsilon: float, generators) ->
 def pgd_run(model: EvalModel, clean: torch.Tensor, labels: torch.Tensor, cfg: PGDConfig, epsilon: float,
             generators) -> torch.Tensor:
     """One PGD run from a random start (or the clean image); returns the last iterate."""
-    step = cfg.step_for(epsilon)
-    adv = random_start(clean, cfg.norm, epsilon, generators) if cfg.random_start else clean.clone()
-    for _ in range(cfg.steps):
-        _, grad = model.eot_loss_and_grad(adv, generators, cfg.eot,
-                                          lambda log_probs: attack_loss(log_probs, labels, cfg.loss))
-        if cfg.norm is Norm.linf:
-            adv = project_linf(adv + step * grad.sign(), clean, epsilon)
-        else:
-            adv = project_l2(adv + step * normalized_l2(grad), clean, epsilon)
-    return adv.detach()
+    start = random_start(clean, cfg.norm, epsilon, generators) if cfg.random_start else clean
+
+    def grad_of(adv: torch.Tensor) -> torch.Tensor:
+        return model.eot_loss_and_grad(adv, generators, cfg.eot, lambda log_probs: attack_loss(log_probs, labels,
+                                                                                             cfg.loss))[1]
+
+    return pgd(grad_of, clean, start, cfg.norm.value, epsilon, cfg.step_for(epsilon), cfg.steps)
 
 
 def perturbation_size(adv: torch.Tensor, clean: torch.Tensor, norm: Norm) -> torch.Tensor:

@@ -63,6 +63,11 @@ def gaussian_like(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
 
 
+def uniform_like(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """U[0, 1) draws of the images' shape, device and dtype."""
+    return torch.rand(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+
+
 def per_sample_normal(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
     """[B, *shape]: one standard normal draw per sample, each from its own generator."""
     return torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])

@@ -13,13 +13,13 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from pipeline.attacks import normalized_l2, pgd_linf, project_l2
+from pipeline.attacks import L2, LINF, input_gradient, normalized_l2, pgd, uniform_linf_start
 from pipeline.engine.config import Precision, uses_bf16
 from pipeline.finetune.config import RecipeConfig, RecipeName
 from pipeline.finetune.mixing import BatchMixer, random_erase, soft_cross_entropy
 from pipeline.models.deployed import denoise
 from pipeline.models.vqgan import reconstruct
-from pipeline.randomness import gaussian_like
+from pipeline.randomness import gaussian_like, uniform_like
 
 
 class Recipe:
@@ -90,8 +90,9 @@ class AdversarialTraining(Recipe):
     def __call__(self, module, images01, labels, generator):
         cfg = self.cfg.mimir
         inputs, targets = self.mixer(self.erase(module, images01, generator), labels, generator)
-        adv = pgd_linf(lambda x: soft_cross_entropy(module.model(x), targets), inputs, cfg.epsilon,
-                       cfg.step_size, cfg.steps, cfg.random_start, generator)
+        start = uniform_linf_start(inputs, cfg.epsilon, uniform_like(inputs, generator)) if cfg.random_start else inputs
+        adv = pgd(input_gradient(lambda x: soft_cross_entropy(module.model(x), targets)), inputs, start, LINF,
+                  cfg.epsilon, cfg.step_size, cfg.steps)
         loss = soft_cross_entropy(module.model(adv), targets)
         return loss, {"loss": loss.detach()}
 
@@ -112,9 +113,9 @@ class DiscreteAdversarial(Recipe):
         # One draw per batch (the attacker decides its random start per call), kept on the device.
         draw = torch.rand((), generator=generator, device=quantized.device)
         start = (draw < cfg.random_start_prob).to(quantized.dtype)
-        adv = (quantized + start * cfg.epsilon * direction).clamp(0, 1).requires_grad_(True)
-        grad, = torch.autograd.grad(soft_cross_entropy(module.model(adv), targets), adv)
-        return project_l2(adv.detach() + cfg.step_size * normalized_l2(grad), quantized, cfg.epsilon)
+        adv = (quantized + start * cfg.epsilon * direction).clamp(0, 1)
+        return pgd(input_gradient(lambda x: soft_cross_entropy(module.model(x), targets)), quantized, adv, L2,
+                   cfg.epsilon, cfg.step_size, steps=1)
 
     def discretize(self, module, images01: torch.Tensor) -> torch.Tensor:
         """VQ(x) through the frozen tokenizer, in the images' dtype, at recipe.dat.tokenizer_precision."""

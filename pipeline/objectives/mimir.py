@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.attacks import pgd_linf
+from pipeline.attacks import LINF, input_gradient, pgd, uniform_linf_start
 from pipeline.models.mae import MaskedAutoencoder
 from pipeline.objectives.base import ObjectiveOutput, mask_noise, masked_mean, patch_losses, pixel_target
 from pipeline.objectives.config import MIMIRConfig
 from pipeline.objectives.hsic import nhsic
+from pipeline.randomness import uniform_like
 
 
 class MIMIR:
@@ -28,8 +29,10 @@ class MIMIR:
         return masked_mean(patch_losses(out.pred, pixel_target(model, images01, self.norm_pix_loss)), out.mask)
 
     def perturb(self, model: MaskedAutoencoder, images01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return pgd_linf(lambda adv: self.self_reconstruction_loss(model, adv, generator), images01,
-                        self.cfg.epsilon, self.cfg.step_size, self.cfg.steps, random_start=True, generator=generator)
+        cfg = self.cfg
+        start = uniform_linf_start(images01, cfg.epsilon, uniform_like(images01, generator))
+        return pgd(input_gradient(lambda adv: self.self_reconstruction_loss(model, adv, generator)), images01, start,
+                   LINF, cfg.epsilon, cfg.step_size, cfg.steps)
 
     def __call__(self, model: MaskedAutoencoder, images01: torch.Tensor, generator: torch.Generator) -> ObjectiveOutput:
         adv = self.perturb(model, images01, generator)
