@@ -167,6 +167,13 @@ def _checked(cfg: DictConfig):
         raise ConfigError(str(e)) from None
 
 
+def to_dict(cfg: object) -> dict:
+    """The fully resolved config as plain dicts, lists and values (enums by their names' values)."""
+    if not dataclasses.is_dataclass(cfg):
+        raise TypeError(f"expected a dataclass instance, got {type(cfg).__name__}")
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+
+
 def to_yaml(cfg: object) -> str:
     """The fully resolved config as YAML, the form written beside every output."""
     if not dataclasses.is_dataclass(cfg):

@@ -16,12 +16,15 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
+from robustmim.config import to_dict
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_text
 from robustmim.log import get_logger
+from pipeline.engine.config import EngineConfig, LoggingConfig
 
 log = get_logger(__name__)
 
@@ -85,7 +88,7 @@ class WandbSink:
     requeued or re-run job continues it. Every chart's x-axis is the training step (W&B's own
     step counts calls, which a resume would repeat)."""
 
-    def __init__(self, cfg, out_dir: Path, run_id: str, stage: str, config: dict):
+    def __init__(self, cfg: LoggingConfig, out_dir: Path, run_id: str, stage: str, config: dict):
         try:
             import wandb
         except ImportError:
@@ -110,21 +113,18 @@ class WandbSink:
         self.run.finish()
 
 
-def scalar_sinks(cfg, out_dir: Path, start_step: int, stage: str, run_id: str) -> list:
+def scalar_sinks(cfg: EngineConfig, out_dir: Path, start_step: int, stage: str, run_id: str) -> list:
     """The sinks `cfg.logging` asks for, on the main rank: TensorBoard always, W&B optionally."""
-    from omegaconf import OmegaConf
-
     sinks: list = [TensorBoardSink(out_dir, start_step)]
     if cfg.logging.wandb:
-        config = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
-        sinks.append(WandbSink(cfg.logging, out_dir, run_id, stage, config))
+        sinks.append(WandbSink(cfg.logging, out_dir, run_id, stage, to_dict(cfg)))
     return sinks
 
 
 class MetricsLog:
     def __init__(self, out_dir: str | Path, enabled: bool, start_step: int, total_steps: int, stage: str,
-                 sinks=None):
-        """`sinks`: a callable returning the scalar sinks (built on the main rank only)."""
+                 sinks: Callable[[], list]):
+        """`sinks`: a callable returning the scalar sinks (`scalar_sinks`; called on the main rank only)."""
         self.enabled, self.stage = enabled, stage
         self.path = Path(out_dir) / METRICS_FILE
         self.start_step, self.total_steps = start_step, total_steps
@@ -144,7 +144,7 @@ class MetricsLog:
             else:
                 log.warning(note)
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
-        self.sinks = sinks() if sinks else [TensorBoardSink(Path(out_dir), start_step)]
+        self.sinks = sinks()
         self.progress = Progress(total_steps, start_step, "step", "step")
 
     def log(self, record: dict) -> None:

@@ -173,9 +173,8 @@ class Trainer:
         resume = self.checkpointer.resume_point(cfg.checkpoint.resume)
         # One id per run, kept in every checkpoint: a requeued or re-run job carries it on (its W&B
         # run continues); a branch from another run's checkpoint is a run of its own.
-        fresh_id = broadcast_object(uuid.uuid4().hex[:12] if env.is_main else None)
-        continues = resume is not None and resume.source is None and resume.run_id
-        self.run_id = resume.run_id if continues else fresh_id
+        continues = resume is not None and resume.source is None and resume.run_id  # the same on every rank
+        self.run_id = resume.run_id if continues else broadcast_object(uuid.uuid4().hex[:12] if env.is_main else None)
         self.hashes = config_hashes(cfg)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         module = task.build().to(self.device)
