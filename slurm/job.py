@@ -1,16 +1,19 @@
 """What runs in every task of a submitted job.
 
-`StageJob` is the callable submitit pickles: in each task it maps submitit's job environment
-(global rank, local rank, task count, the first node's hostname) onto the variables
-`pipeline.dist.detect_env` reads, with the master port derived from the job id (the same
-after a requeue), then runs the stage.
+`StageJob` is the callable submitit pickles: in each task submitit's
+`TorchDistributedEnvironment` exports the job's ranks (global rank, local rank, task count, the
+first node's hostname, a master port fixed by the job id, so the same after a requeue) as the
+variables `pipeline.dist.detect_env` reads; then it runs the stage.
 
 Time limits: the warning signal (SIGUSR2, `signal_delay_s` before the limit) stops the
 trainer at its next log interval with a checkpoint; then rank 0 requeues the job with
-`scontrol requeue`, at most `max_requeues` times (each restart is logged in attempts.jsonl),
-and the requeued job resumes from `latest` by itself, as after a preemption or an outside
-`scontrol requeue`. Should the warning come before training started, submitit's own handler
-asks `checkpoint()` for a resubmission and requeues: the job then resumes the same way.
+`scontrol requeue` (each restart is logged in attempts.jsonl), and the requeued job resumes
+from `latest` by itself, as after a preemption or an outside `scontrol requeue`. Should the
+warning come before training started, submitit's own handler asks `checkpoint()` for a
+resubmission and requeues: the job then resumes the same way. One counter limits both paths:
+Slurm's SLURM_RESTART_COUNT (every requeue, preemptions included) against `max_requeues`.
+(submitit keeps a count of the time-outs it handled itself, given the same limit; as each of
+those is also a Slurm requeue, it never reaches the limit first.)
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import submitit
 
 from robustmim.log import quiet_libraries, setup_logging
 from robustmim.stages import Launch, resolve, stage_named, submittable
-from pipeline.dist import slurm_port
 
 # what one (requeueing) job runs: training stages and the allocation check; array stages have their own task
 STAGES = tuple(name for name in submittable() if stage_named(name).launch in (Launch.training, Launch.check))
@@ -50,6 +52,11 @@ def allreduce_check() -> dict:
 
 
 ATTEMPTS_FILE = "attempts.jsonl"
+
+
+def restarts() -> int:
+    """How many times Slurm requeued this job (time limits and preemptions alike)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
 
 
 def append_attempt(out_dir: str | Path, record: dict) -> None:
@@ -77,11 +84,11 @@ class StageJob(submitit.helpers.Checkpointable):
         if threads and "OMP_NUM_THREADS" not in os.environ:
             os.environ["OMP_NUM_THREADS"] = str(threads)
             torch.set_num_threads(threads)
-        env = submitit.JobEnvironment()
-        os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
-                          MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(slurm_port(str(env.job_id))))
-        return {"job_id": str(env.job_id), "rank": env.global_rank, "world_size": env.num_tasks,
-                "restarts": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
+        # Every GPU of the node stays visible: each rank selects its own by local rank (one
+        # visible device per task would leave local rank 1 pointing at a device that is not there).
+        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        return {"job_id": str(submitit.JobEnvironment().job_id), "rank": env.rank, "world_size": env.world_size,
+                "restarts": restarts()}
 
     def _log(self, record: dict) -> None:
         append_attempt(self.out_dir, record)
@@ -105,7 +112,7 @@ class StageJob(submitit.helpers.Checkpointable):
         return result
 
     def _requeue(self, attempt: dict, result: dict) -> None:
-        if attempt["restarts"] >= self.max_requeues:
+        if not self.may_requeue():
             self._log({**attempt, "event": f"time limit at step {result['step']}; not requeued "
                                            f"(max_requeues={self.max_requeues} reached)"})
             return
@@ -114,8 +121,13 @@ class StageJob(submitit.helpers.Checkpointable):
         task = os.environ.get("SLURM_ARRAY_TASK_ID")
         subprocess.run(["scontrol", "requeue", f"{job_id}_{task}" if task else job_id], check=False)
 
-    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
-        return submitit.helpers.DelayedSubmission(self)
+    def may_requeue(self) -> bool:
+        return restarts() < self.max_requeues
+
+    def checkpoint(self, *args, **kwargs) -> Optional[submitit.helpers.DelayedSubmission]:
+        """submitit's path (the warning came before training started): a resubmission, or None
+        (submitit then ends the job) once the job has been requeued max_requeues times."""
+        return submitit.helpers.DelayedSubmission(self) if self.may_requeue() else None
 
 
 class EvalTask:

@@ -256,3 +256,18 @@ def test_eval_array_job_one_task_per_shard_merges_to_the_single_process_result(s
 
     assert records(out) == records(tmp_path / "single")
     assert len(list((out / "records").glob("rank*.jsonl"))) == 4
+
+
+def test_one_counter_limits_both_requeue_paths(monkeypatch, tmp_path):
+    """Slurm's SLURM_RESTART_COUNT against max_requeues decides where the job requeues itself
+    (time limit during training) and where submitit asks `checkpoint()` (before training)."""
+    import submitit
+
+    from slurm.job import StageJob
+
+    job = StageJob("pretrain", str(tmp_path), None, [], max_requeues=2)
+    for count, allowed in (("", True), ("1", True), ("2", False), ("5", False)):
+        monkeypatch.setenv("SLURM_RESTART_COUNT", count)
+        assert job.may_requeue() is allowed
+        resubmission = job.checkpoint()
+        assert isinstance(resubmission, submitit.helpers.DelayedSubmission) if allowed else resubmission is None
