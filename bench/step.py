@@ -24,11 +24,12 @@ import time
 import torch
 
 from robustmim.config import load_config
-from pipeline.flops import PEAK_TFLOPS_DENSE_BF16, training_flops_per_image
+from pipeline.flops import PEAK_TFLOPS_DENSE_BF16
 from pipeline.models.config import ModelConfig
 from pipeline.models.mae import MaskedAutoencoder
 from pipeline.objectives.config import ObjectiveConfig
 from pipeline.objectives.registry import build_objective
+from pipeline.pretrain.flops import pretraining_flops_per_image
 from pipeline.randomness import step_generator
 
 
@@ -105,7 +106,7 @@ def measure(encoder: str, objectives: list[str], batch: int, dtype_name: str, wa
                 torch.cuda.reset_peak_memory_stats()
             seconds = time_steps(build_objective(objective_cfg), model, optimizer, images, device, dtype,
                                  warmup + (2 if compiled else 0), steps)
-            flops = training_flops_per_image(model_cfg, objective_cfg, size)
+            flops = pretraining_flops_per_image(model_cfg, objective_cfg, size)
             rate = size / seconds
             rows.append({"objective": objective_name, "decoder": decoder, "batch": size, "compiled": compiled,
                          "ms_per_step": seconds * 1e3, "images_per_s": rate, "gflop_per_image": flops / 1e9,

@@ -1,4 +1,6 @@
-"""Matmul FLOPs per training image, for each objective, recipe and model size (used for MFU).
+"""Counting matmul FLOPs (for MFU): per-pass counts of the autoencoder, the classifier, the VQGAN
+and LPIPS; each stage sums its own step from them (pipeline/pretrain/flops.py, the fine-tuning
+and tokenizer tasks).
 
 Counted as PyTorch's FlopCounterMode counts: 2 FLOPs per multiply-add of every matmul,
 convolution and attention product, forward and backward; normalizations, activations, the
@@ -12,13 +14,8 @@ GPUs run) and 2 times with the unfused math path. MIMIR's attack needs input gra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from pipeline.models.config import EncoderConfig, ModelConfig
-from pipeline.objectives.config import ObjectiveConfig, ObjectiveName
-
-if TYPE_CHECKING:
-    from pipeline.models.config import VQGANConfig
+from pipeline.models.config import EncoderConfig, ModelConfig, VQGANConfig
 
 # The one MFU denominator of the trainer's log and every bench: an H100 / H200's dense bf16
 # peak on paper, per device (a large bf16 matmul measures ~770-800 TFLOP/s on an H200).
@@ -65,24 +62,6 @@ def autoencoder_pass(cfg: ModelConfig, mask_ratio: float) -> PassFlops:
     heads = 2 * enc_tokens * cfg.embed_dim * dec_dim + 2 * dec_tokens * dec_dim * patch_dim
     return PassFlops(patch_embed=2 * patches * patch_dim * cfg.embed_dim,
                      linear=enc_linear + dec_linear + heads, attention=enc_attention + dec_attention)
-
-
-def training_flops_per_image(model: ModelConfig, objective: ObjectiveConfig, batch_size: int,
-                             attention_backward: float = FUSED_ATTENTION_BACKWARD) -> float:
-    """FLOPs of one training step divided by the per-rank batch (MIMIR's nHSIC depends on it)."""
-    name = objective.name
-    ratio = getattr(objective, name.value).mask_ratio
-    main = autoencoder_pass(model, ratio).training(attention_backward)
-    if name is not ObjectiveName.mimir:
-        return main
-    attack = objective.mimir.steps * autoencoder_pass(model, ratio).input_gradient(attention_backward)
-    latent_dim = (1 + int(model.num_patches * (1 - ratio))) * model.embed_dim
-    pixels = model.in_chans * model.img_size**2
-    m = batch_size
-    # Gram matrices of the latent (forward + gradients of both factors) and of the attacked
-    # input (forward only), and the one m x m matmul in the backward of the latent's solve.
-    hsic = (3 * 2 * m * m * latent_dim + 2 * m * m * pixels + 2 * m**3) / m
-    return main + attack + hsic
 
 
 def classifier_pass(cfg: EncoderConfig, num_classes: int) -> PassFlops:

@@ -6,11 +6,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from robustmim.config import load_config
-from pipeline.flops import MATH_ATTENTION_BACKWARD, autoencoder_pass, training_flops_per_image
+from pipeline.flops import MATH_ATTENTION_BACKWARD, autoencoder_pass
 from pipeline.models.config import ModelConfig
 from pipeline.models.mae import MaskedAutoencoder
 from pipeline.objectives.config import ObjectiveConfig
 from pipeline.objectives.registry import build_objective
+from pipeline.pretrain.flops import pretraining_flops_per_image
 from pipeline.randomness import step_generator
 
 BATCH = 6
@@ -49,22 +50,22 @@ def test_flop_count_matches_flop_counter_mode(encoder, size, channels, name):
     # the whole analytic count must match exactly.
     with sdpa_kernel(SDPBackend.MATH):
         counted = counted_flops_per_image(model_cfg, objective_cfg)
-    predicted = training_flops_per_image(model_cfg, objective_cfg, BATCH, attention_backward=MATH_ATTENTION_BACKWARD)
+    predicted = pretraining_flops_per_image(model_cfg, objective_cfg, BATCH, attention_backward=MATH_ATTENTION_BACKWARD)
     assert predicted == pytest.approx(counted, rel=1e-9)
     # The default CPU backend is a fused kernel FlopCounterMode does not count: everything but
     # attention must still match, so the fused path runs the same matmuls.
     counted_fused = counted_flops_per_image(model_cfg, objective_cfg)
-    fused_predicted = training_flops_per_image(model_cfg, objective_cfg, BATCH)
+    fused_predicted = pretraining_flops_per_image(model_cfg, objective_cfg, BATCH)
     assert fused_predicted - attention_flops(model_cfg, objective_cfg, 2.5) == pytest.approx(counted_fused, rel=1e-9)
 
 
 def test_mae_vit_large_is_about_124_gflops_per_image():
     """The hand derivation for MAE-L/16 at 75% masking: ~20.6 GMAC forward, ~124 GFLOPs to train (3x forward)."""
     cfg = load_config(ModelConfig, None, ["encoder=vit_large_patch16"])
-    mae = training_flops_per_image(cfg, load_config(ObjectiveConfig, None, ["name=mae"]), 64)
+    mae = pretraining_flops_per_image(cfg, load_config(ObjectiveConfig, None, ["name=mae"]), 64)
     assert autoencoder_pass(cfg, 0.75).forward / 2 == pytest.approx(20.6e9, rel=0.02)
     assert mae == pytest.approx(124e9, rel=0.03)
-    nim = training_flops_per_image(cfg, load_config(ObjectiveConfig, None, ["name=nim"]), 64)
+    nim = pretraining_flops_per_image(cfg, load_config(ObjectiveConfig, None, ["name=nim"]), 64)
     assert nim / mae > 3  # the encoder sees all 196 tokens instead of 49
 
 

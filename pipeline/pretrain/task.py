@@ -10,11 +10,11 @@ from robustmim.log import get_logger
 from pipeline.data.shardset import ShardSet
 from pipeline.dist import DistEnv
 from pipeline.engine.optim import param_groups
-from pipeline.flops import training_flops_per_image
 from pipeline.models.mae import MaskedAutoencoder
 from pipeline.objectives.config import ObjectiveName
 from pipeline.objectives.registry import build_objective
 from pipeline.pretrain.config import PretrainConfig
+from pipeline.pretrain.flops import pretraining_flops_per_image
 
 # MIMIR's released runs: the micro-batch its nHSIC penalty saw on each GPU
 MIMIR_MICRO_BATCH = 512
@@ -68,7 +68,7 @@ class PretrainTask:
 
     def flops_per_image(self) -> float:
         cfg = self.cfg
-        return training_flops_per_image(cfg.model, cfg.objective, cfg.micro_batch)
+        return pretraining_flops_per_image(cfg.model, cfg.objective, cfg.micro_batch)
 
     def validate(self, module: PretrainModule, step: int) -> dict[str, float]:
         return {}
