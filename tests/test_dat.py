@@ -74,14 +74,14 @@ def test_the_bf16_tokenizer_option_discretizes_as_fp32_does_within_bf16_rounding
         dat = dataclasses.replace(cfg.recipe.dat, tokenizer_precision=Precision(precision))
         return build_recipe(dataclasses.replace(cfg.recipe, dat=dat), 10).discretize(module, images)
 
-    fp32 = module.recipe.discretize(module, images)  # auto, under this fp32 step
+    fp32 = discretize("auto")  # as the step: fp32 here
     bf16 = discretize("bf16")
     assert bf16.dtype == images.dtype == torch.float32 and not torch.equal(bf16, fp32)  # it ran in bf16
     assert (bf16 - fp32).abs().mean() < 0.01, (bf16 - fp32).abs().mean()
     # bf16_native: bf16 on a CPU with bf16 instructions, as the step (fp32) on one without
     assert torch.equal(discretize("bf16_native"), bf16 if cpu_computes_bf16() else fp32)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 training step (GPUs)
-        assert torch.equal(module.recipe.discretize(module, images), bf16)  # auto: as the step
+        assert torch.equal(discretize("auto"), bf16)  # auto: as the step
         assert torch.equal(discretize("fp32"), fp32)  # fp32: out of the step's autocast
     with pytest.raises(ValueError, match="bf16_weights is a training mode"):
         dataclasses.replace(cfg.recipe.dat, tokenizer_precision=Precision.bf16_weights)

@@ -8,10 +8,12 @@ import signal
 
 import pytest
 import torch
+import yaml
 
 from robustmim.errors import UserError
 from pipeline.data.shardset import open_shards
 from pipeline.engine.checkpoint import LATEST
+from pipeline.engine.config import Precision, uses_bf16
 from pipeline.engine.metrics import read_metrics
 from pipeline.models.vqgan import VQGAN, reconstruct
 from pipeline.tokenizer.export import load_tokenizer
@@ -20,8 +22,8 @@ from pipeline.tokenizer.task import TokenizerModule, TokenizerTask
 from conftest import TOKENIZER_STEPS
 from helpers import TOKENIZER_CONFIG, finish, run_stage, tiny_tokenizer_config, val_images, wait_for
 
-def recon_mse(model: VQGAN, images: torch.Tensor) -> float:
-    with torch.no_grad():
+def recon_mse(model: VQGAN, images: torch.Tensor, bf16: bool = False) -> float:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         return float(torch.cat([(reconstruct(model, chunk) - chunk).pow(2).flatten(1).mean(1)
                                 for chunk in images.split(250)]).mean())
 
@@ -38,7 +40,10 @@ def test_the_tiny_tokenizer_reconstructs_far_better_than_an_untrained_one(tiny_t
     untrained = VQGAN(trained.cfg).eval()
     images = val_images(fashion_shards, every_nth=10)
     ours, baseline = recon_mse(trained, images), recon_mse(untrained, images)
-    assert ours == pytest.approx(validation[0]["val_recon_mse"], rel=1e-4)  # the export is what was validated
+    # the export is what was validated, under the run's precision (bf16 on a CPU with bf16 instructions)
+    precision = Precision(yaml.safe_load((out_dir / "config.yaml").read_text())["precision"])
+    as_validated = recon_mse(trained, images, bf16=uses_bf16(precision, on_gpu=False))
+    assert as_validated == pytest.approx(validation[0]["val_recon_mse"], rel=1e-4)
     assert ours < baseline / 4, (ours, baseline)
     assert validation[0]["val_perplexity"] > 20 and validation[0]["val_codes_used"] > 50, validation
     info = json.loads(tiny_tokenizer.with_suffix(".json").read_text())
