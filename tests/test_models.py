@@ -1,5 +1,6 @@
 """The masked autoencoder: masking, MAE's parameter layout and counts, safe weight loading."""
 
+import math
 import pickle
 
 import pytest
@@ -10,6 +11,7 @@ from robustmim.config import load_config
 from robustmim.errors import UserError
 from pipeline.models.config import ModelConfig
 from pipeline.models.mae import MaskedAutoencoder, random_masking
+from pipeline.models.pos_embed import sincos_2d
 from pipeline.models.weights import load_weights
 
 from helpers import tiny_model_config
@@ -70,6 +72,26 @@ def mae_official_keys(depth: int, decoder_depth: int) -> set[str]:
     keys |= {f"blocks.{i}.{k}" for i in range(depth) for k in block}
     keys |= {f"decoder_blocks.{i}.{k}" for i in range(decoder_depth) for k in block}
     return keys
+
+
+def maes_sincos_2d(dim, grid):
+    """MAE's get_2d_sincos_pos_embed written out element by element with the C library's sin and
+    cos: the grid's first axis is w, the first half of the channels encodes it."""
+    def encode(channels, position):
+        omega = [1.0 / 10000 ** (i / (channels / 2.0)) for i in range(channels // 2)]
+        return [math.sin(position * w) for w in omega] + [math.cos(position * w) for w in omega]
+    rows = [[0.0] * dim]  # the CLS slot
+    for h in range(grid):
+        for w in range(grid):
+            rows.append(encode(dim // 2, w) + encode(dim // 2, h))
+    return torch.tensor(rows, dtype=torch.float64).float()
+
+
+@pytest.mark.parametrize("dim,grid", [(192, 7), (1024, 14)])
+def test_the_fixed_position_embedding_is_maes_sincos_to_the_last_bit(dim, grid):
+    """Bit for bit, not allclose: torch's vectorized float64 sin differed in the last bit between
+    processes, which made identical from-scratch launches diverge."""
+    assert torch.equal(sincos_2d(dim, grid), maes_sincos_2d(dim, grid))
 
 
 def test_state_dict_has_the_mae_layout_and_shapes():

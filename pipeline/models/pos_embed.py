@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
     angles = positions.reshape(-1, 1).double() * omega
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    # The C library's sin and cos, one angle at a time: torch's vectorized float64 kernels were
+    # seen to differ in the last bit from one process to the next (about 1 run in 4 on a 2-core
+    # CPU), which made a from-scratch run's fixed position embedding, and so its whole result,
+    # vary between identical launches. A ViT-L grid is 100k angles: milliseconds, once.
+    values = angles.flatten().tolist()
+    sin = torch.tensor([math.sin(a) for a in values], dtype=torch.float64).view_as(angles)
+    cos = torch.tensor([math.cos(a) for a in values], dtype=torch.float64).view_as(angles)
+    return torch.cat([sin, cos], dim=1)
 
 
 def sincos_2d(dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
