@@ -52,12 +52,33 @@ def test_official_mae_state_dict_initializes_every_encoder_key(tmp_path):
     assert set(load_pretrained_encoder(cls_model, path).missing) == {"head.weight", "head.bias"}
 
 
-def test_position_embedding_is_resized_for_another_resolution(tmp_path):
+def maes_interpolate_pos_embed(pos_embed, grid):
+    """MAE's util/pos_embed.interpolate_pos_embed, written out: bicubic on the patch grid, no
+    antialiasing, the CLS slot kept."""
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    old = int(patches.shape[1] ** 0.5)
+    image = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    image = F.interpolate(image, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([cls, image.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
+@pytest.mark.parametrize("img_size,grid", [(32, 8), (20, 5)])  # up and down from 7x7
+def test_position_embedding_is_resized_for_another_resolution_as_mae_does(tmp_path, img_size, grid):
     path, state = official_mae_checkpoint(tmp_path)  # 28 px: a 7x7 grid
-    model = ViTClassifier(tiny_classifier_config(img_size=32))  # 8x8
+    model = ViTClassifier(tiny_classifier_config(img_size=img_size))
     load_pretrained_encoder(model, path)
-    assert model.pos_embed.shape == (1, 65, 192)
+    assert model.pos_embed.shape == (1, 1 + grid * grid, 192)
     assert torch.equal(model.pos_embed[0, 0], state["pos_embed"][0, 0])  # the CLS slot is kept
+    torch.testing.assert_close(model.pos_embed.detach(), maes_interpolate_pos_embed(state["pos_embed"], grid),
+                               rtol=0, atol=1e-6)
+
+
+def test_a_position_embedding_off_a_square_grid_is_refused(tmp_path):
+    path, state = official_mae_checkpoint(tmp_path)
+    state["pos_embed"] = state["pos_embed"][:, :-1]  # 48 patch positions
+    torch.save({"model": state}, path)
+    with pytest.raises(UserError, match="48 patch positions is not a square grid"):
+        load_pretrained_encoder(ViTClassifier(tiny_classifier_config()), path)
 
 
 def test_a_checkpoint_lacking_encoder_keys_is_refused(tmp_path):
@@ -111,6 +132,27 @@ def test_layer_decay_gives_each_block_its_lr():
     for name in ("blocks.0.norm1.bias", "pos_embed", "cls_token", "head.bias"):
         assert wd_of[id(params[name])] == 0.0, name
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(params)
+
+
+def group_names(model, groups):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [([names[id(p)] for p in g["params"]], g["lr_scale"], g["weight_decay"]) for g in groups]
+
+
+def test_timms_layer_decay_groups_equal_maes_only_with_global_pooling():
+    """Why the classifier keeps MAE's grouping rather than timm.optim.param_groups_layer_decay:
+    with global average pooling (MAE's fine-tuning, our default) timm's groups are the same
+    parameters, order, lr scales and weight decays; with CLS pooling timm gives the final `norm`
+    the last block's lr, where MAE's lrd gives it the head's."""
+    from timm.optim import param_groups_layer_decay
+
+    for global_pool, same in ((True, True), (False, False)):
+        model = ViTClassifier(tiny_classifier_config(global_pool=global_pool))
+        ours = group_names(model, layer_decay_groups(model, 0.05, 0.75, depth=4))
+        timms = group_names(model, param_groups_layer_decay(model, 0.05, model.no_weight_decay(), layer_decay=0.75))
+        assert (ours == timms) is same
+    norm_scale = {name: scale for names, scale, _ in timms for name in names}["norm.weight"]
+    assert norm_scale == 0.75 and {n: s for names, s, _ in ours for n in names}["norm.weight"] == 1.0
 
 
 def test_mixup_and_cutmix_targets_match_the_mixed_images():

@@ -1,8 +1,8 @@
-"""The ViT trunk shared by the masked autoencoder and the classifier.
+"""The masked autoencoder's ViT trunk, built from timm's blocks and patch embedding.
 
-Parameter names follow timm's VisionTransformer and the official MAE checkpoints
-(`patch_embed`, `cls_token`, `pos_embed`, `blocks`), so pretrained encoders move between the
-two models by name. Pixel normalization lives inside the model (non-persistent buffers, not
+Parameter names follow timm's VisionTransformer (the classifier's class) and the official MAE
+checkpoints (`patch_embed`, `cls_token`, `pos_embed`, `blocks`), so pretrained encoders move
+from the autoencoder to the classifier by name. Pixel normalization lives inside the model (non-persistent buffers, not
 in any checkpoint): every model takes [0, 1] images, where noise, attacks and clamps operate.
 """
 
@@ -22,12 +22,10 @@ from timm.models.vision_transformer import Block  # noqa: E402
 layer_norm = partial(nn.LayerNorm, eps=1e-6)
 
 
-def transformer_blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: float = 0.0) -> nn.ModuleList:
-    """Pre-norm blocks with qkv bias; stochastic depth rising linearly from 0 to `drop_path`."""
-    # host math, so it also works on the meta device
-    rates = [drop_path * i / (depth - 1) for i in range(depth)] if depth > 1 else [drop_path]
-    return nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=layer_norm, drop_path=rate)
-                         for rate in rates)
+def transformer_blocks(dim: int, depth: int, heads: int, mlp_ratio: float) -> nn.ModuleList:
+    """Pre-norm blocks with qkv bias, timm's `Block` (what its VisionTransformer stacks); no
+    stochastic depth (MAE pretrains without it)."""
+    return nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=layer_norm) for _ in range(depth))
 
 
 def compile_blocks(module: nn.Module) -> int:
@@ -44,15 +42,14 @@ class ViTTrunk(nn.Module):
     """Patch embedding, CLS token, position embedding and encoder blocks, plus the pixel
     normalization and optional activation checkpointing."""
 
-    def __init__(self, cfg: EncoderConfig, drop_path: float = 0.0, learnable_pos_embed: bool = False):
+    def __init__(self, cfg: EncoderConfig):
         super().__init__()
         dim = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        # Fixed sin-cos during pretraining (MAE); learned from that start when fine-tuning.
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, dim),
-                                      requires_grad=learnable_pos_embed)
-        self.blocks = transformer_blocks(dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, drop_path)
+        # Fixed sin-cos during pretraining (MAE); the classifier learns it from that start.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, dim), requires_grad=False)
+        self.blocks = transformer_blocks(dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio)
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, -1, 1, 1), persistent=False)
         self.grad_checkpointing = False
