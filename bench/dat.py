@@ -22,7 +22,7 @@ import torch
 from robustmim.config import load_config
 from bench.step import matmul_peak, median_seconds
 from pipeline.finetune.config import FinetuneConfig
-from pipeline.finetune.recipes import build_recipe
+from pipeline.finetune.recipes import DiscreteAdversarial, Recipe
 from pipeline.finetune.task import FinetuneModule, finetune_flops_per_image
 from pipeline.flops import PEAK_TFLOPS_DENSE_BF16, vqgan_flops
 from pipeline.models.classifier import ViTClassifier
@@ -64,10 +64,10 @@ def main() -> None:
     images = torch.rand(args.batch, channels, size, size, device=device)
     labels = torch.randint(0, 1000, (args.batch,), device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    for recipe in ("standard", "dat"):
-        cfg = load_config(FinetuneConfig, None, [*base, f"recipe.name={recipe}"])
-        module = FinetuneModule(ViTClassifier(cfg.model), build_recipe(cfg.recipe, 1000),
-                                tokenizer=tokenizer if recipe == "dat" else None).to(device)
+    for name in ("standard", "dat"):
+        cfg = load_config(FinetuneConfig, None, [*base, f"recipe.name={name}"])
+        recipe = DiscreteAdversarial(cfg.recipe, 1000, tokenizer) if name == "dat" else Recipe(cfg.recipe, 1000)
+        module = FinetuneModule(ViTClassifier(cfg.model), recipe).to(device)
         optimizer = torch.optim.AdamW(module.model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
         def step(index: int) -> None:
@@ -78,10 +78,10 @@ def main() -> None:
             optimizer.step()
 
         seconds = median_seconds(step, device, args.warmup, args.steps)
-        flops = finetune_flops_per_image(cfg, tokenizer=tokenizer_cfg if recipe == "dat" else None)
-        print(f"{recipe + ' step':<22} {seconds * 1e3:>9.1f} {args.batch / seconds:>9.0f} {flops / 1e9:>10.2f} "
+        flops = finetune_flops_per_image(cfg, recipe)
+        print(f"{name + ' step':<22} {seconds * 1e3:>9.1f} {args.batch / seconds:>9.0f} {flops / 1e9:>10.2f} "
               f"{args.batch / seconds * flops / (PEAK_TFLOPS_DENSE_BF16 * 1e12):>6.1%}")
-        module = optimizer = step = None  # the next recipe's model is built without this one alive
+        module = recipe = optimizer = step = None  # the next recipe's model is built without this one alive
 
     def round_trip(index: int) -> None:
         with torch.no_grad(), autocast:

@@ -16,7 +16,6 @@ from pipeline.finetune.recipes import DiscreteAdversarial, build_recipe
 from pipeline.finetune.task import FinetuneModule
 from pipeline.models.classifier import ViTClassifier
 from pipeline.models.vqgan import reconstruct
-from pipeline.tokenizer.export import load_tokenizer
 
 from helpers import val_images
 
@@ -26,8 +25,7 @@ def dat_parts(tiny_tokenizer, fashion_shards):
     cfg = load_config(FinetuneConfig, "configs/finetune/dat_tiny_fmnist.yaml",
                       ["out_dir=x", "init=", f"recipe.dat.tokenizer={tiny_tokenizer}", "model.num_classes=10"])
     torch.manual_seed(0)
-    module = FinetuneModule(ViTClassifier(cfg.model), build_recipe(cfg.recipe, 10),
-                            tokenizer=load_tokenizer(tiny_tokenizer))
+    module = FinetuneModule(ViTClassifier(cfg.model), build_recipe(cfg.recipe, 10))
     images = val_images(fashion_shards, every_nth=100)[:64]
     return cfg, module, images
 
@@ -35,9 +33,9 @@ def dat_parts(tiny_tokenizer, fashion_shards):
 def perturb(module, images, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     targets = smooth_one_hot(torch.arange(images.shape[0]) % 10, 10, 0.1)
     with torch.no_grad():
-        quantized = reconstruct(module.tokenizer, images)
+        quantized = reconstruct(module.recipe.tokenizer, images)
     torch.manual_seed(seed)  # drop path (train mode, as DAT attacks) draws from the global RNG
-    return quantized, module.recipe.perturb(module, quantized, targets, torch.Generator().manual_seed(seed))
+    return quantized, module.recipe.perturb(module.model, quantized, targets, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.slow
@@ -49,7 +47,8 @@ def test_the_perturbation_stays_within_epsilon_and_flips_some_codes(dat_parts):
     assert distance.max() <= 0.1 + 1e-5 and perturbed.min() >= 0 and perturbed.max() <= 1
     assert distance.min() > 0.05  # a full step of 0.1: on or near the sphere (clipping to [0, 1] aside)
     with torch.no_grad():
-        before, after = module.tokenizer.token_indices(quantized), module.tokenizer.token_indices(perturbed)
+        tokenizer = module.recipe.tokenizer
+        before, after = tokenizer.token_indices(quantized), tokenizer.token_indices(perturbed)
     flipped = (before != after).float().mean().item()
     assert 0 < flipped < 0.5, flipped  # some visual words change, most stay
     assert not any(p.grad is not None for p in module.model.parameters())  # input gradients only
@@ -60,11 +59,12 @@ def test_the_perturbation_stays_within_epsilon_and_flips_some_codes(dat_parts):
 def test_the_training_loss_is_clean_plus_discrete_adversarial_cross_entropy(dat_parts):
     cfg, module, images = dat_parts
     labels = torch.arange(images.shape[0]) % 10
-    loss, metrics = module.recipe(module, images, labels, torch.Generator().manual_seed(1))
+    loss, metrics = module(images, labels, torch.Generator().manual_seed(1))
     assert loss.item() == pytest.approx((metrics["clean"] + metrics["adversarial"]).item(), rel=1e-6)
     loss.backward()
     assert module.model.head.weight.grad is not None
-    assert all(p.grad is None for p in module.tokenizer.parameters())  # frozen
+    assert all(p.grad is None for p in module.recipe.tokenizer.parameters())  # frozen
+    assert all(not key.startswith("recipe") for key in module.state_dict())  # not in checkpoints
 
 
 def test_the_bf16_tokenizer_option_discretizes_as_fp32_does_within_bf16_rounding(dat_parts):
@@ -72,7 +72,8 @@ def test_the_bf16_tokenizer_option_discretizes_as_fp32_does_within_bf16_rounding
 
     def discretize(precision):
         dat = dataclasses.replace(cfg.recipe.dat, tokenizer_precision=Precision(precision))
-        return build_recipe(dataclasses.replace(cfg.recipe, dat=dat), 10).discretize(module, images)
+        recipe = DiscreteAdversarial(dataclasses.replace(cfg.recipe, dat=dat), 10, module.recipe.tokenizer)
+        return recipe.discretize(images)
 
     fp32 = discretize("auto")  # as the step: fp32 here
     bf16 = discretize("bf16")

@@ -190,12 +190,12 @@ def test_random_erasing_boxes():
     assert 15 <= int(((half != images).flatten(1).any(1)).sum()) <= 49
 
 
-def recipe_module(name, *overrides, denoiser=None):
+def recipe_module(name, *overrides):
     cfg = load_config(RecipeConfig, None, [f"name={name}", *overrides])
     torch.manual_seed(0)
     model = ViTClassifier(tiny_classifier_config(drop_path=0.0))
     torch.nn.init.normal_(model.head.weight)  # not the near-zero init: predictions must differ
-    return FinetuneModule(model, build_recipe(cfg, 10), denoiser), cfg
+    return FinetuneModule(model, build_recipe(cfg, 10)), cfg
 
 
 def test_dmae_consistency_terms():

@@ -12,9 +12,10 @@ from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_json, sha256_of_file
 from pipeline.engine.export import consolidated_state_dict, save_safetensors
 from pipeline.finetune.config import FinetuneConfig, RecipeName
-from pipeline.finetune.task import deployment_of, read_autoencoder_export
+from pipeline.finetune.recipes import deployment_of
 from pipeline.models.deployed import DefenseKind, DenoiserSpec, DeploymentSpec
 from pipeline.models.weights import read_state_dict
+from pipeline.pretrain.export import read_autoencoder_export
 
 
 def deployment_spec(cfg: FinetuneConfig, weights: str, denoiser_weights: str, trained: dict) -> DeploymentSpec:

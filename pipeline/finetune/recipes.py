@@ -1,9 +1,13 @@
-"""The fine-tuning recipes: `recipe(module, images01, labels, generator) -> (loss, metrics)`.
+"""The fine-tuning recipes: `recipe(classifier, images01, labels, generator) -> (loss, metrics)`.
 
-`module` is the FinetuneModule DeepSpeed wraps (`module.model` the classifier, `module.denoiser`
-De³'s frozen NIM autoencoder, `module.tokenizer` DAT's frozen VQGAN). Every draw comes from the
-step's generator. Order of operations follows each method's code: erasing is part of the image
-transform (before anything else); DMAE adds its noise before mixup; NIM adds its noise after mixup.
+A recipe owns what its method adds around the classifier: the loss, its cost in FLOPs, what it
+deploys, and the frozen networks it runs the images through (De³'s NIM denoiser, DAT's VQGAN
+tokenizer). Those stay outside the module DeepSpeed wraps: no optimizer state, no ZeRO
+partitioning, nothing of them in the checkpoints (a ViT-L denoiser would add 1.2 GB to each);
+they are loaded from their files when the recipe is built, so a bad file fails before any
+training work. Every draw comes from the step's generator. Order of operations follows each
+method's code: erasing is part of the image transform (before anything else); DMAE adds its
+noise before mixup; NIM adds its noise after mixup.
 """
 
 from __future__ import annotations
@@ -11,64 +15,135 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.attacks import L2, LINF, input_gradient, normalized_l2, pgd, uniform_linf_start
 from pipeline.engine.config import Precision, uses_bf16
 from pipeline.finetune.config import RecipeConfig, RecipeName
 from pipeline.finetune.mixing import BatchMixer, random_erase, soft_cross_entropy
-from pipeline.models.deployed import denoise
-from pipeline.models.vqgan import reconstruct
+from pipeline.flops import PassFlops, autoencoder_pass, vqgan_flops
+from pipeline.models.classifier import ViTClassifier
+from pipeline.models.deployed import (DefenseKind, DeployedModel, DenoiseThenClassify, Plain, SmoothingBase,
+                                      denoise)
+from pipeline.models.mae import MaskedAutoencoder
+from pipeline.models.vqgan import VQGAN, check_input, reconstruct
+from pipeline.pretrain.export import load_denoiser
 from pipeline.randomness import gaussian_like, uniform_like
+from pipeline.tokenizer.export import load_tokenizer
+
+
+def frozen(network: nn.Module) -> nn.Module:
+    """Eval mode (no dropout or drop path) and no gradients, for good."""
+    return network.eval().requires_grad_(False)
 
 
 class Recipe:
+    """MAE's recipe (the base of the others): erasing, mixup / cutmix with label smoothing,
+    soft-target cross-entropy; the classifier alone is deployed."""
+
     def __init__(self, cfg: RecipeConfig, num_classes: int):
         self.cfg = cfg
         self.mixer = BatchMixer(cfg.mixup, num_classes, cfg.label_smoothing)
 
-    def erase(self, module, images01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        model = module.model
-        return random_erase(images01, self.cfg.random_erasing, model.pixel_mean, model.pixel_std, generator)
+    @classmethod
+    def from_config(cls, cfg: RecipeConfig, num_classes: int) -> "Recipe":
+        """The recipe, with its frozen networks loaded from the files its config names."""
+        return cls(cfg, num_classes)
 
+    def frozen_networks(self) -> list[nn.Module]:
+        return []
 
-class Standard(Recipe):
-    """MAE: erasing, mixup / cutmix with label smoothing, soft-target cross-entropy."""
+    def to(self, device: torch.device) -> "Recipe":
+        for network in self.frozen_networks():
+            network.to(device)
+        return self
 
-    def __call__(self, module, images01, labels, generator):
-        inputs, targets = self.mixer(self.erase(module, images01, generator), labels, generator)
-        loss = soft_cross_entropy(module.model(inputs), targets)
+    def check_input(self, image_size: int, channels: int) -> None:
+        """A UserError if the frozen networks cannot take the data's images."""
+
+    def deploy(self, classifier: ViTClassifier) -> DeployedModel:
+        return Plain(classifier)
+
+    def deployment(self) -> tuple[DefenseKind, float]:
+        return deployment_of(self.cfg)
+
+    def flops_per_image(self, classifier: PassFlops, image_size: int, attention_backward: float) -> float:
+        """Matmul FLOPs of one training step per image (the classifier's pass given)."""
+        return classifier.training(attention_backward)
+
+    def erase(self, classifier: ViTClassifier, images01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return random_erase(images01, self.cfg.random_erasing, classifier.pixel_mean, classifier.pixel_std,
+                            generator)
+
+    def __call__(self, classifier, images01, labels, generator):
+        inputs, targets = self.mixer(self.erase(classifier, images01, generator), labels, generator)
+        loss = soft_cross_entropy(classifier(inputs), targets)
         return loss, {"loss": loss.detach()}
+
+
+def deployment_of(recipe: RecipeConfig) -> tuple[DefenseKind, float]:
+    """What a recipe deploys: its defense and that defense's sigma in [0, 1] pixels (from the
+    config alone, for the export's JSON)."""
+    if recipe.name is RecipeName.de3:
+        return DefenseKind.denoise, recipe.de3.deploy_sigma / 255
+    if recipe.name is RecipeName.dmae:
+        return DefenseKind.smoothing, recipe.dmae.sigma
+    return DefenseKind.none, 0.0
 
 
 class DenoisedTraining(Recipe):
     """NIM De³: noise with sigma ~ U(low, high) per image after mixup, denoised by the frozen
-    NIM autoencoder (no gradient), clamped to [0, 1], classified."""
+    NIM autoencoder (no gradient), clamped to [0, 1], classified. Deploys denoise-then-classify."""
 
-    def __call__(self, module, images01, labels, generator):
+    def __init__(self, cfg: RecipeConfig, num_classes: int, denoiser: MaskedAutoencoder, norm_pix: bool):
+        super().__init__(cfg, num_classes)
+        self.denoiser, self.norm_pix = frozen(denoiser), norm_pix
+
+    @classmethod
+    def from_config(cls, cfg: RecipeConfig, num_classes: int) -> "DenoisedTraining":
+        return cls(cfg, num_classes, *load_denoiser(cfg.de3.denoiser))
+
+    def frozen_networks(self) -> list[nn.Module]:
+        return [self.denoiser]
+
+    def deploy(self, classifier: ViTClassifier) -> DeployedModel:
+        return DenoiseThenClassify(self.denoiser, classifier, self.deployment()[1], self.norm_pix)
+
+    def flops_per_image(self, classifier: PassFlops, image_size: int, attention_backward: float) -> float:
+        return classifier.training(attention_backward) + autoencoder_pass(self.denoiser.cfg, 0.0).forward
+
+    def __call__(self, classifier, images01, labels, generator):
         cfg = self.cfg.de3
-        inputs, targets = self.mixer(self.erase(module, images01, generator), labels, generator)
+        inputs, targets = self.mixer(self.erase(classifier, images01, generator), labels, generator)
         u = torch.rand(inputs.shape[0], generator=generator, device=inputs.device)
         sigma = (cfg.train_sigma_low + (cfg.train_sigma_high - cfg.train_sigma_low) * u) / 255
         noisy = inputs + sigma.view(-1, 1, 1, 1) * gaussian_like(inputs, generator)
         with torch.no_grad():
-            denoised = denoise(module.denoiser, noisy, sigma, module.denoiser_norm_pix).clamp(0, 1)
-        loss = soft_cross_entropy(module.model(denoised), targets)
+            denoised = denoise(self.denoiser, noisy, sigma, self.norm_pix).clamp(0, 1)
+        loss = soft_cross_entropy(classifier(denoised), targets)
         return loss, {"loss": loss.detach()}
 
 
 class NoisyConsistency(Recipe):
     """DMAE: each image in `copies` Gaussian-noised copies at sigma (noise before mixup, both
     copies with the same partner), soft cross-entropy over all copies, plus
-    lambda * mean_i KL(p_mean || p_i) + eta * H(p_mean) (Jeong & Shin 2020)."""
+    lambda * mean_i KL(p_mean || p_i) + eta * H(p_mean) (Jeong & Shin 2020). Deploys the base
+    classifier of randomized smoothing at sigma."""
 
-    def __call__(self, module, images01, labels, generator):
+    def deploy(self, classifier: ViTClassifier) -> DeployedModel:
+        return SmoothingBase(classifier, self.deployment()[1])
+
+    def flops_per_image(self, classifier: PassFlops, image_size: int, attention_backward: float) -> float:
+        return self.cfg.dmae.copies * classifier.training(attention_backward)
+
+    def __call__(self, classifier, images01, labels, generator):
         cfg = self.cfg.dmae
         copies = cfg.copies
-        repeated = self.erase(module, images01.repeat_interleave(copies, dim=0), generator)
+        repeated = self.erase(classifier, images01.repeat_interleave(copies, dim=0), generator)
         noisy = repeated + cfg.sigma * gaussian_like(repeated, generator)
         inputs, targets = self.mixer(noisy, labels.repeat_interleave(copies, dim=0), generator)
-        logits = module.model(inputs).float()
+        logits = classifier(inputs).float()
         loss = classification = soft_cross_entropy(logits, targets)
         metrics = {"classification": classification.detach()}
         if cfg.consistency:
@@ -87,13 +162,17 @@ class AdversarialTraining(Recipe):
     """MIMIR: PGD in L-inf on the (mixed) batch against the current model, cross-entropy on the
     adversarial images only."""
 
-    def __call__(self, module, images01, labels, generator):
+    def flops_per_image(self, classifier: PassFlops, image_size: int, attention_backward: float) -> float:
+        return classifier.training(attention_backward) + self.cfg.mimir.steps * classifier.input_gradient(
+            attention_backward)
+
+    def __call__(self, classifier, images01, labels, generator):
         cfg = self.cfg.mimir
-        inputs, targets = self.mixer(self.erase(module, images01, generator), labels, generator)
+        inputs, targets = self.mixer(self.erase(classifier, images01, generator), labels, generator)
         start = uniform_linf_start(inputs, cfg.epsilon, uniform_like(inputs, generator)) if cfg.random_start else inputs
-        adv = pgd(input_gradient(lambda x: soft_cross_entropy(module.model(x), targets)), inputs, start, LINF,
+        adv = pgd(input_gradient(lambda x: soft_cross_entropy(classifier(x), targets)), inputs, start, LINF,
                   cfg.epsilon, cfg.step_size, cfg.steps)
-        loss = soft_cross_entropy(module.model(adv), targets)
+        loss = soft_cross_entropy(classifier(adv), targets)
         return loss, {"loss": loss.detach()}
 
 
@@ -103,9 +182,29 @@ class DiscreteAdversarial(Recipe):
     batch, from a random point on the epsilon-sphere around it) with the gradient taken at the
     classifier's input, i.e. straight through the quantizer; projected to the ball around x_q and
     [0, 1]; re-quantized. The model stays in train mode for the attack, as in DAT's code; the
-    attack takes input gradients only, so the parameter gradients come from the final loss alone."""
+    attack takes input gradients only, so the parameter gradients come from the final loss alone.
+    The tokenizer is for training only: the classifier is deployed alone."""
 
-    def perturb(self, module, quantized: torch.Tensor, targets: torch.Tensor,
+    def __init__(self, cfg: RecipeConfig, num_classes: int, tokenizer: VQGAN):
+        super().__init__(cfg, num_classes)
+        self.tokenizer = frozen(tokenizer)
+
+    @classmethod
+    def from_config(cls, cfg: RecipeConfig, num_classes: int) -> "DiscreteAdversarial":
+        return cls(cfg, num_classes, load_tokenizer(cfg.dat.tokenizer, cfg.dat.tokenizer_preset))
+
+    def frozen_networks(self) -> list[nn.Module]:
+        return [self.tokenizer]
+
+    def check_input(self, image_size: int, channels: int) -> None:
+        check_input(self.tokenizer.cfg, image_size, channels, "recipe.dat.tokenizer")
+
+    def flops_per_image(self, classifier: PassFlops, image_size: int, attention_backward: float) -> float:
+        """Two training passes (clean, discrete), the attack step, two VQGAN round trips."""
+        return (2 * classifier.training(attention_backward) + classifier.input_gradient(attention_backward)
+                + 2 * vqgan_flops(self.tokenizer.cfg, image_size, train=False))
+
+    def perturb(self, classifier, quantized: torch.Tensor, targets: torch.Tensor,
                 generator: torch.Generator) -> torch.Tensor:
         """The perturbed image before re-quantization: within epsilon (L2) of `quantized`, in [0, 1]."""
         cfg = self.cfg.dat
@@ -114,21 +213,21 @@ class DiscreteAdversarial(Recipe):
         draw = torch.rand((), generator=generator, device=quantized.device)
         start = (draw < cfg.random_start_prob).to(quantized.dtype)
         adv = (quantized + start * cfg.epsilon * direction).clamp(0, 1)
-        return pgd(input_gradient(lambda x: soft_cross_entropy(module.model(x), targets)), quantized, adv, L2,
+        return pgd(input_gradient(lambda x: soft_cross_entropy(classifier(x), targets)), quantized, adv, L2,
                    cfg.epsilon, cfg.step_size, steps=1)
 
-    def discretize(self, module, images01: torch.Tensor) -> torch.Tensor:
+    def discretize(self, images01: torch.Tensor) -> torch.Tensor:
         """VQ(x) through the frozen tokenizer, in the images' dtype, at recipe.dat.tokenizer_precision."""
         with torch.no_grad(), round_trip_precision(self.cfg.dat.tokenizer_precision, images01.device):
-            return reconstruct(module.tokenizer, images01).to(images01.dtype)
+            return reconstruct(self.tokenizer, images01).to(images01.dtype)
 
-    def __call__(self, module, images01, labels, generator):
-        inputs, targets = self.mixer(self.erase(module, images01, generator), labels, generator)
-        clean = soft_cross_entropy(module.model(inputs), targets)
-        quantized = self.discretize(module, inputs)
-        perturbed = self.perturb(module, quantized, targets, generator)
-        discrete = self.discretize(module, perturbed)
-        adversarial = soft_cross_entropy(module.model(discrete), targets)
+    def __call__(self, classifier, images01, labels, generator):
+        inputs, targets = self.mixer(self.erase(classifier, images01, generator), labels, generator)
+        clean = soft_cross_entropy(classifier(inputs), targets)
+        quantized = self.discretize(inputs)
+        perturbed = self.perturb(classifier, quantized, targets, generator)
+        discrete = self.discretize(perturbed)
+        adversarial = soft_cross_entropy(classifier(discrete), targets)
         loss = clean + self.cfg.dat.adversarial_weight * adversarial
         return loss, {"loss": loss.detach(), "clean": clean.detach(), "adversarial": adversarial.detach()}
 
@@ -143,10 +242,11 @@ def round_trip_precision(precision: Precision, device: torch.device):
     return nullcontext()
 
 
-RECIPES = {RecipeName.standard: Standard, RecipeName.de3: DenoisedTraining,
+RECIPES = {RecipeName.standard: Recipe, RecipeName.de3: DenoisedTraining,
            RecipeName.dmae: NoisyConsistency, RecipeName.mimir: AdversarialTraining,
            RecipeName.dat: DiscreteAdversarial}
 
 
 def build_recipe(cfg: RecipeConfig, num_classes: int) -> Recipe:
-    return RECIPES[cfg.name](cfg, num_classes)
+    """The recipe `cfg.name` names, its frozen networks loaded (on the CPU; `to` moves them)."""
+    return RECIPES[cfg.name].from_config(cfg, num_classes)

@@ -4,14 +4,19 @@ model config that rebuilds the network (and the objective's norm_pix_loss, which
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import yaml
 
+from robustmim.config import config_from_dict
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_json
 from pipeline.engine.export import consolidated_state_dict, save_safetensors
+from pipeline.models.config import ModelConfig
+from pipeline.models.mae import MaskedAutoencoder
+from pipeline.models.weights import load_weights
 
 EXPORT_FORMAT = "robustmim-mae/1"
 
@@ -50,3 +55,23 @@ def export_autoencoder(checkpoints: Path, tag: str, meta: dict, out: Path) -> di
             "recomputed_fixed_embeddings": recomputed}
     atomic_write_json(out.with_suffix(".json"), info)
     return info
+
+
+def read_autoencoder_export(path: str | Path) -> tuple[ModelConfig, bool]:
+    """(model config, norm_pix) from the JSON beside a pretraining export."""
+    meta_path = Path(path).with_suffix(".json")
+    if not meta_path.is_file():
+        raise UserError(f"{meta_path}: missing; the denoiser must be a `robustmim export` of a NIM run "
+                        f"(its JSON says how to rebuild the autoencoder)")
+    meta = json.loads(meta_path.read_text())
+    if not isinstance(meta.get("model"), dict):
+        raise UserError(f"{meta_path}: no 'model' section")
+    return config_from_dict(ModelConfig, meta["model"], f"{meta_path}: model"), bool(meta.get("norm_pix_loss", True))
+
+
+def load_denoiser(path: str | Path) -> tuple[MaskedAutoencoder, bool]:
+    """(frozen autoencoder in eval mode, norm_pix) from a pretraining export: De³'s denoiser."""
+    model_cfg, norm_pix = read_autoencoder_export(path)
+    denoiser = MaskedAutoencoder(model_cfg)
+    load_weights(denoiser, path, strict=True)
+    return denoiser.eval().requires_grad_(False), norm_pix
