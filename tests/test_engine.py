@@ -143,7 +143,7 @@ def test_resume_from_a_chosen_checkpoint_continues_it_and_refuses_changed_settin
     """--resume PATH starts a new out_dir from another run's step_8 and continues it exactly (its
     steps 9-12 are the reference's), also from moved shards with hash checks on (performance-only
     settings); a re-run continues out_dir's own checkpoints; changed optimizer settings are refused
-    unless allowed; --resume none is refused where checkpoints exist."""
+    unless allowed, another module's always; --resume none is refused where checkpoints exist."""
     chosen = references[2] / "checkpoints" / "step_00000008"
     moved = tmp_path / "moved_shards"
     moved.symlink_to(fashion_val_shards, target_is_directory=True)
@@ -172,6 +172,13 @@ def test_resume_from_a_chosen_checkpoint_continues_it_and_refuses_changed_settin
     assert (tmp_path / "one_rank" / "checkpoints" / "step_00000008_universal" / METADATA).is_file()
     assert not list(chosen.parent.glob("*_universal"))
     assert [r["step"] for r in read_metrics(tmp_path / "one_rank")] == [9, 10, 11, 12]
+
+    # another module (here another decoder): a clear refusal naming the tensors, not DeepSpeed's key dump
+    status, out = _pretrain(fashion_val_shards, tmp_path / "other_model", "--resume", str(chosen),
+                            **{"model.decoder": "mae", "checkpoint.allow_config_change": "true"})
+    assert status != 0 and "its module's tensors do not match this run's module" in out, out[-3000:]
+    assert "missing: model.decoder_blocks.2." in out and "of other shapes: model." in out, out[-3000:]
+    assert "start a new out_dir" in out and "Error(s) in loading state_dict" not in out, out[-3000:]
 
     status, out = _pretrain(fashion_val_shards, branch, "--resume", "none")
     assert status != 0 and "checkpoint.resume=none, but" in out and "step_00000012" in out, out[-3000:]

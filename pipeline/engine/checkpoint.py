@@ -25,6 +25,7 @@ resume on differs from an uninterrupted run's.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -178,9 +179,19 @@ class Checkpointer:
     def load(self, engine, point: ResumePoint) -> dict:
         # a universal conversion is written into this run's directory, also for another run's tag
         folder = self.dir if point.elastic else self.source_of(point)
-        _, client_state = engine.load_checkpoint(str(folder), tag=point.load_tag,
-                                                 load_module_strict=True, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=True)
+        try:
+            _, client_state = engine.load_checkpoint(str(folder), tag=point.load_tag,
+                                                     load_module_strict=True, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=True)
+        except RuntimeError as error:
+            if "Error(s) in loading state_dict" not in str(error):
+                raise
+            raise UserError(f"{folder / point.load_tag}: its module's tensors do not match this run's module "
+                            f"({key_mismatch(str(error))}). It was saved under another model config, or by a "
+                            f"robustmim whose module held other networks (fine-tuning checkpoints from before "
+                            f"2026-12 also held the frozen denoiser or tokenizer). Resume it with the version and "
+                            f"settings that wrote it, or start a new out_dir; `robustmim export` still reads "
+                            f"it.") from None
         if client_state is None:
             raise UserError(f"DeepSpeed could not load {folder / point.load_tag}")
         return client_state
@@ -218,3 +229,20 @@ class Checkpointer:
             if old != keep:
                 shutil.rmtree(self.dir / old, ignore_errors=True)
                 shutil.rmtree(self.dir / (old + UNIVERSAL_SUFFIX), ignore_errors=True)
+
+
+def key_mismatch(message: str, shown: int = 3) -> str:
+    """'N unexpected: a, b, c, ...; M missing: ...' from torch's load_state_dict error."""
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:shown]) + (", ..." if len(keys) > shown else "")
+
+    parts = []
+    for kind in ("Unexpected", "Missing"):
+        found = re.search(kind + r' key\(s\) in state_dict: (.*?)\.\s*$', message, re.M)
+        if found:
+            keys = re.findall(r'"([^"]+)"', found.group(1))
+            parts.append(f"{len(keys)} {kind.lower()}: {listed(keys)}")
+    sizes = re.findall(r"size mismatch for ([^:]+):", message)
+    if sizes:
+        parts.append(f"{len(sizes)} of other shapes: {listed(sizes)}")
+    return "; ".join(parts) or message.splitlines()[0]
