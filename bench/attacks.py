@@ -10,25 +10,20 @@ at every step: the figure is the attack's cost, not the model's robustness.
 
 from __future__ import annotations
 
-import sys
-
-if not __package__:
-    sys.exit("run from the repository root as: python -m bench.attacks")
-
 import argparse
 import time
 
 import torch
 
 from robustmim.config import load_config
-from pipeline.models.classifier import ViTClassifier
-from pipeline.engine.config import compiles
-from pipeline.models.config import ClassifierConfig
-from pipeline.models.vit import compile_blocks
-from pipeline.models.deployed import DefenseKind, DeploymentSpec, deployed_model
-from eval.attacks import pgd_attack
-from eval.config import PGDConfig
-from eval.model import EvalModel
+from robustmim.pipeline.models.classifier import ViTClassifier
+from robustmim.pipeline.engine.config import compiles
+from robustmim.pipeline.models.config import ClassifierConfig
+from robustmim.pipeline.models.vit import compile_blocks
+from robustmim.pipeline.models.deployed import DefenseKind, DeploymentSpec, deployed_model
+from robustmim.eval.attacks import pgd_attack
+from robustmim.eval.config import PGDConfig
+from robustmim.eval.model import EvalModel
 
 
 def measure(encoder: str, batch: int, steps: int, eot: int, repeats: int = 2, compile: bool | None = None) -> dict:

@@ -10,22 +10,17 @@ images/s and noisy forwards/s.
 
 from __future__ import annotations
 
-import sys
-
-if not __package__:
-    sys.exit("run from the repository root as: python -m bench.certify")
-
 import argparse
 import time
 
 import torch
 
 from robustmim.config import load_config
-from pipeline.models.classifier import ViTClassifier
-from pipeline.engine.config import compiles
-from pipeline.models.config import ClassifierConfig
-from pipeline.models.vit import compile_blocks
-from eval.certify import certify
+from robustmim.pipeline.models.classifier import ViTClassifier
+from robustmim.pipeline.engine.config import compiles
+from robustmim.pipeline.models.config import ClassifierConfig
+from robustmim.pipeline.models.vit import compile_blocks
+from robustmim.eval.certify import certify
 
 
 def measure(encoder: str, images: int, n: int, n0: int, batch: int, dtype: str = "auto",

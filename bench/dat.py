@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-if not __package__:
+if not __package__:  # it imports bench.step's helpers: bench/ must be importable as a package
     sys.exit("run from the repository root as: python -m bench.dat")
 
 import argparse
@@ -21,15 +21,15 @@ import torch
 
 from robustmim.config import load_config
 from bench.step import matmul_peak, median_seconds
-from pipeline.finetune.config import FinetuneConfig
-from pipeline.finetune.recipes import DiscreteAdversarial, Recipe
-from pipeline.finetune.task import FinetuneModule, finetune_flops_per_image
-from pipeline.flops import PEAK_TFLOPS_DENSE_BF16, vqgan_flops
-from pipeline.models.classifier import ViTClassifier
-from pipeline.models.config import PRESETS
-from pipeline.models.vqgan import VQGAN, reconstruct
-from pipeline.randomness import step_generator
-from pipeline.tokenizer.config import TokenizerConfig
+from robustmim.pipeline.finetune.config import FinetuneConfig
+from robustmim.pipeline.finetune.recipes import DiscreteAdversarial, Recipe
+from robustmim.pipeline.finetune.task import FinetuneModule, finetune_flops_per_image
+from robustmim.pipeline.flops import PEAK_TFLOPS_DENSE_BF16, vqgan_flops
+from robustmim.pipeline.models.classifier import ViTClassifier
+from robustmim.pipeline.models.config import PRESETS
+from robustmim.pipeline.models.vqgan import VQGAN, reconstruct
+from robustmim.pipeline.randomness import step_generator
+from robustmim.pipeline.tokenizer.config import TokenizerConfig
 
 TINY_TOKENIZER = "configs/tokenizer/tiny_fmnist.yaml"
 

@@ -6,7 +6,7 @@ precision and accumulation.
 Each mode runs in its own torchrun launch (gloo on CPU, NCCL on GPU; one rank per GPU, 2 on a
 CPU machine by default) on synthetic batches held in memory, so only the engine differs: MAE
 objective, AdamW, bf16 autocast on GPU for every mode, DeepSpeed configured as the trainer
-configures it (`pipeline.engine.trainer.deepspeed_config`), DDP skipping the all-reduce on all
+configures it (`robustmim.pipeline.engine.trainer.deepspeed_config`), DDP skipping the all-reduce on all
 but the last micro-step. Median of --steps optimizer steps after warm-up. Target: ZeRO-1 within
 10% of DDP.
 """
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import sys
 
-if not __package__:  # run as a file, bench/ would come first on sys.path and bench/shards.py hide `shards`
-    sys.exit("run from the repository root as: python -m bench.engine")
 
 import argparse
 import contextlib
@@ -36,15 +34,15 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from robustmim.config import load_config
-    from pipeline.dist import detect_env, init_distributed
-    from pipeline.pretrain.config import PretrainConfig
-    from pipeline.pretrain.task import PretrainModule
-    from pipeline.engine.trainer import deepspeed_config
-    from pipeline.models.config import ModelConfig
-    from pipeline.models.mae import MaskedAutoencoder
-    from pipeline.randomness import step_generator
-    from pipeline.objectives.config import ObjectiveConfig
-    from pipeline.objectives.registry import build_objective
+    from robustmim.pipeline.dist import detect_env, init_distributed
+    from robustmim.pipeline.pretrain.config import PretrainConfig
+    from robustmim.pipeline.pretrain.task import PretrainModule
+    from robustmim.pipeline.engine.trainer import deepspeed_config
+    from robustmim.pipeline.models.config import ModelConfig
+    from robustmim.pipeline.models.mae import MaskedAutoencoder
+    from robustmim.pipeline.randomness import step_generator
+    from robustmim.pipeline.objectives.config import ObjectiveConfig
+    from robustmim.pipeline.objectives.registry import build_objective
 
     env = detect_env()
     on_gpu = torch.cuda.is_available()

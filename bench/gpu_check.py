@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 
-if not __package__:
+if not __package__:  # it imports bench.step's helpers: bench/ must be importable as a package
     sys.exit("run from the repository root as: python -m bench.gpu_check")
 
 import argparse
@@ -73,7 +73,7 @@ def sections(smoke: bool) -> list:
         import torch
 
         from bench.step import matmul_peak
-        from pipeline.flops import PEAK_TFLOPS_DENSE_BF16 as PEAK_TFLOPS
+        from robustmim.pipeline.flops import PEAK_TFLOPS_DENSE_BF16 as PEAK_TFLOPS
 
         on_gpu = torch.cuda.is_available()
         n = 8192 if on_gpu else 512

@@ -13,11 +13,6 @@ GPU operators), the reference with --threads DataLoader workers. On a GPU: --dev
 
 from __future__ import annotations
 
-import sys
-
-if not __package__:  # run as a file, bench/ would come first on sys.path and bench/shards.py hide `shards`
-    sys.exit("run from the repository root as: python -m bench.loader")
-
 import argparse
 import os
 import tempfile
@@ -25,12 +20,12 @@ import time
 from pathlib import Path
 
 from robustmim.config import load_config
-from pipeline.data.config import LoaderConfig
-from pipeline.data.dali import DaliLoader
-from pipeline.data.reference import ReferenceLoader
-from shards.build import build_shards
-from shards.config import FASHION_MNIST_DIR, ShardsConfig
-from shards.synthetic import make_image_tree
+from robustmim.pipeline.data.config import LoaderConfig
+from robustmim.pipeline.data.dali import DaliLoader
+from robustmim.pipeline.data.reference import ReferenceLoader
+from robustmim.shards.build import build_shards
+from robustmim.shards.config import FASHION_MNIST_DIR, ShardsConfig
+from robustmim.shards.synthetic import make_image_tree
 
 
 def images_per_second(loader, batches: int) -> float:

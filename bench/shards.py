@@ -9,11 +9,6 @@ once to check them, stored as they are). Each row is one full build into a fresh
 
 from __future__ import annotations
 
-import sys
-
-if not __package__:  # run as a file, bench/ would come first on sys.path and bench/shards.py hide `shards`
-    sys.exit("run from the repository root as: python -m bench.shards")
-
 import argparse
 import os
 import shutil
@@ -22,9 +17,9 @@ import time
 from pathlib import Path
 
 from robustmim.config import load_config
-from shards.build import build_shards
-from shards.config import FASHION_MNIST_DIR, ShardsConfig
-from shards.synthetic import make_image_tree
+from robustmim.shards.build import build_shards
+from robustmim.shards.config import FASHION_MNIST_DIR, ShardsConfig
+from robustmim.shards.synthetic import make_image_tree
 
 
 def timed_build(overrides: list[str]) -> tuple[int, float, float]:

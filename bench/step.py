@@ -4,18 +4,13 @@
     .venv/bin/python -m bench.step --encoder vit_large_patch16 --batch 128 --dtype bf16   # a GPU
 
 MFU is against the dense bf16 peak on paper (989 TFLOP/s per H100/H200,
-`pipeline.flops.PEAK_TFLOPS_DENSE_BF16`), the trainer's convention; the share of a large
+`robustmim.pipeline.flops.PEAK_TFLOPS_DENSE_BF16`), the trainer's convention; the share of a large
 square matmul measured on the same device and dtype is printed beside it. FLOPs per image come
 from pipeline/flops.py (fused-attention backward). Each row: median of --steps timed steps
 after --warmup, including the optimizer step (fused AdamW on CUDA), and the peak memory.
 """
 
 from __future__ import annotations
-
-import sys
-
-if not __package__:  # run as a file, bench/ would come first on sys.path and bench/shards.py hide `shards`
-    sys.exit("run from the repository root as: python -m bench.step")
 
 import argparse
 import statistics
@@ -24,13 +19,13 @@ import time
 import torch
 
 from robustmim.config import load_config
-from pipeline.flops import PEAK_TFLOPS_DENSE_BF16
-from pipeline.models.config import ModelConfig
-from pipeline.models.mae import MaskedAutoencoder
-from pipeline.objectives.config import ObjectiveConfig
-from pipeline.objectives.registry import build_objective
-from pipeline.pretrain.flops import pretraining_flops_per_image
-from pipeline.randomness import step_generator
+from robustmim.pipeline.flops import PEAK_TFLOPS_DENSE_BF16
+from robustmim.pipeline.models.config import ModelConfig
+from robustmim.pipeline.models.mae import MaskedAutoencoder
+from robustmim.pipeline.objectives.config import ObjectiveConfig
+from robustmim.pipeline.objectives.registry import build_objective
+from robustmim.pipeline.pretrain.flops import pretraining_flops_per_image
+from robustmim.pipeline.randomness import step_generator
 
 
 def synchronize(device: torch.device) -> None:
@@ -79,7 +74,7 @@ def time_steps(objective, model, optimizer, images, device, dtype, warmup: int, 
 def measure(encoder: str, objectives: list[str], batch: int, dtype_name: str, warmup: int, steps: int,
             compile_blocks_too: bool = False, batches: dict[str, int] | None = None) -> list[dict]:
     """One row per objective (and per compiled variant): images/s, MFU, peak memory."""
-    from pipeline.models.vit import compile_blocks
+    from robustmim.pipeline.models.vit import compile_blocks
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]

@@ -7,7 +7,7 @@ accumulation, the interval all-reduce, logging) on one device, fed synthetic bat
 The loader is replaced by batches already on the device (DALI may be absent where this runs,
 and its speed is `bench.loader`'s business), so the figure is the engine's step with a
 perfect loader: compare it with `bench.step`'s model-only ceiling. Images/s and MFU are the
-Trainer's own log (MFU against the dense bf16 peak, `pipeline.flops.PEAK_TFLOPS_DENSE_BF16`),
+Trainer's own log (MFU against the dense bf16 peak, `robustmim.pipeline.flops.PEAK_TFLOPS_DENSE_BF16`),
 the median over log intervals after the first. Each objective trains in a child process, so
 the peak memory is its own.
 """
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import sys
 
-if not __package__:
-    sys.exit("run from the repository root as: python -m bench.train_step")
 
 import argparse
 import json
@@ -38,7 +36,7 @@ class SyntheticLoader:
     def __init__(self, cfg, rank=0, world_size=1, local_rank=0, train=True, state=None):
         import torch
 
-        from pipeline.data.dali import Batch, use_gpu
+        from robustmim.pipeline.data.dali import Batch, use_gpu
 
         device = torch.device("cuda", local_rank) if use_gpu(cfg.device) else torch.device("cpu")
         generator = torch.Generator(device).manual_seed(cfg.seed + rank)
@@ -56,9 +54,9 @@ class SyntheticLoader:
 def synthetic_shards(root: Path, size: int, channels: int) -> Path:
     """A few real shards for the manifest the Trainer opens (its split size sets the epoch count)."""
     from robustmim.config import load_config
-    from shards.build import build_shards
-    from shards.config import ShardsConfig
-    from shards.synthetic import make_image_tree
+    from robustmim.shards.build import build_shards
+    from robustmim.shards.config import ShardsConfig
+    from robustmim.shards.synthetic import make_image_tree
 
     tree = make_image_tree(root / "tree", classes=2, train_per_class=8, val_per_class=0, min_size=size,
                            max_size=size, seed=0)
@@ -73,11 +71,11 @@ def child(args) -> None:
     import torch
 
     from robustmim.config import load_config
-    from pipeline.dist import detect_env, init_distributed, shutdown_distributed
-    from pipeline.pretrain.config import PretrainConfig
-    from pipeline.engine.metrics import read_metrics
-    from pipeline.pretrain.task import PretrainTask
-    from pipeline.engine.trainer import Trainer
+    from robustmim.pipeline.dist import detect_env, init_distributed, shutdown_distributed
+    from robustmim.pipeline.pretrain.config import PretrainConfig
+    from robustmim.pipeline.engine.metrics import read_metrics
+    from robustmim.pipeline.pretrain.task import PretrainTask
+    from robustmim.pipeline.engine.trainer import Trainer
 
     tiny = args.encoder.startswith("vit_tiny")
     size, channels = (28, 1) if tiny else (224, 3)

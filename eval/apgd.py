@@ -25,12 +25,12 @@ from typing import Callable
 
 import torch
 
-from pipeline.attacks import normalized_l2, project_l2, project_linf
-from eval.attacks import perturbation_size, random_start
-from eval.config import AutoAttackConfig, AutoAttackVersion, Norm
-from eval.model import EvalModel
-from eval.sampling import ATTACK
-from pipeline.randomness import sample_generator
+from robustmim.pipeline.attacks import normalized_l2, project_l2, project_linf
+from robustmim.eval.attacks import perturbation_size, random_start
+from robustmim.eval.config import AutoAttackConfig, AutoAttackVersion, Norm
+from robustmim.eval.model import EvalModel
+from robustmim.eval.sampling import ATTACK
+from robustmim.pipeline.randomness import sample_generator
 
 APGD_PURPOSE = 100  # separates APGD's draws from PGD's (ATTACK, attack number, ...)
 
@@ -136,10 +136,10 @@ def autoattack(model: EvalModel, clean: torch.Tensor, labels: torch.Tensor, indi
     later run (APGD-DLR, or one APGD-T per target) on the samples still robust. With `compact`, a
     later run attacks only those samples; without, it attacks all and keeps the same images:
     every draw is per sample, so the results are identical."""
-    from eval.attacks import attacked_rows
+    from robustmim.eval.attacks import attacked_rows
 
     if cfg.version is AutoAttackVersion.standard:
-        from eval.autoattack import standard_autoattack
+        from robustmim.eval.autoattack import standard_autoattack
 
         return {"aa": standard_autoattack(model, clean, labels, cfg, seed + indices[0])}
     device = clean.device

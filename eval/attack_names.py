@@ -13,7 +13,7 @@ study may use while it names one attack of the evaluation.
 
 from __future__ import annotations
 
-from eval.config import AutoAttackConfig, AutoAttackVersion, EvalConfig, PGDConfig
+from robustmim.eval.config import AutoAttackConfig, AutoAttackVersion, EvalConfig, PGDConfig
 from robustmim.errors import UserError
 
 # (field, its tag in the key); a field the attack does not have is left out of its key

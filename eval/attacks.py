@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.attacks import normalized_l2, pgd, project_l2, uniform_linf_start
-from eval.config import AttackLoss, Norm, PGDConfig
-from eval.model import EvalModel
-from eval.sampling import ATTACK
-from pipeline.randomness import per_sample_normal, per_sample_uniform, sample_generator
+from robustmim.pipeline.attacks import normalized_l2, pgd, project_l2, uniform_linf_start
+from robustmim.eval.config import AttackLoss, Norm, PGDConfig
+from robustmim.eval.model import EvalModel
+from robustmim.eval.sampling import ATTACK
+from robustmim.pipeline.randomness import per_sample_normal, per_sample_uniform, sample_generator
 
 
 def attack_loss(log_probs: torch.Tensor, labels: torch.Tensor, kind: AttackLoss) -> torch.Tensor:

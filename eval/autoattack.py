@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 
 from robustmim.errors import UserError
-from eval.attacks import perturbation_size
-from eval.config import AutoAttackConfig, Norm
-from eval.model import EvalModel
+from robustmim.eval.attacks import perturbation_size
+from robustmim.eval.config import AutoAttackConfig, Norm
+from robustmim.eval.model import EvalModel
 
 
 class DeterministicLogits(nn.Module):

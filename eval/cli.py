@@ -30,14 +30,14 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from robustmim.config_help import describe_config
     from robustmim.errors import UserError
     from robustmim.launcher import explain_failed_ranks, launch_local_ranks
-    from eval.config import EvalConfig
+    from robustmim.eval.config import EvalConfig
 
     overrides = eval_overrides(args)
     if args.print_config:
         print(describe_config(EvalConfig, args.config, overrides), end="")
         return 0
     if args.merge_only:  # needs only the output directory
-        from eval.runner import finalize
+        from robustmim.eval.runner import finalize
 
         out_dir = args.out or load_config(EvalConfig, args.config, overrides).out_dir
         print_summary(finalize(out_dir), out_dir)
@@ -50,7 +50,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
                                 on_crash=lambda: explain_failed_ranks("eval", cfg.shards, cfg.split))
     if status is not None:
         return status
-    from eval.runner import run_eval  # torch, DALI and the attacks: the ranks' imports, not a launcher's
+    from robustmim.eval.runner import run_eval  # torch, DALI and the attacks: the ranks' imports, not a launcher's
 
     result = run_eval(cfg, args.rank, args.world_size)
     if result["summary"]:
@@ -62,7 +62,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 
 def print_summary(summary: dict, out_dir) -> None:
-    from eval.report import summary_row
+    from robustmim.eval.report import summary_row
 
     print(f"eval: {summary['samples']} samples -> {out_dir}/summary.json")
     for key, value in summary_row(summary).items():
@@ -75,7 +75,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from eval.report import write_report
+    from robustmim.eval.report import write_report
 
     table = write_report(args.eval_dirs, args.out)
     print(table)
@@ -89,7 +89,7 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
 def run_study_command(args: argparse.Namespace) -> int:
     from robustmim.config import load_config
     from robustmim.config_help import describe_config
-    from eval.study import StudyConfig, run_study
+    from robustmim.eval.study import StudyConfig, run_study
 
     if args.print_config:
         print(describe_config(StudyConfig, args.config, args.overrides), end="")

@@ -9,7 +9,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from pipeline.engine.config import Precision
+from robustmim.pipeline.engine.config import Precision
 
 
 class Norm(enum.Enum):

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.models.deployed import DeployedModel, DeploymentSpec
-from pipeline.randomness import per_sample_normal
+from robustmim.pipeline.models.deployed import DeployedModel, DeploymentSpec
+from robustmim.pipeline.randomness import per_sample_normal
 
 
 class EvalModel:

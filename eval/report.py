@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eval.attack_names import attack_labels, in_255ths
-from eval.certify import largest_certifiable_radius
-from eval.records import RECORDS_FORMAT
-from eval.summary import accuracy
+from robustmim.eval.attack_names import attack_labels, in_255ths
+from robustmim.eval.certify import largest_certifiable_radius
+from robustmim.eval.records import RECORDS_FORMAT
+from robustmim.eval.summary import accuracy
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_text
 
@@ -19,7 +19,7 @@ def load_summary(eval_dir: str | Path) -> dict:
     eval_dir = Path(eval_dir)
     path = eval_dir / "summary.json"
     if not path.is_file():
-        from eval.runner import finalize
+        from robustmim.eval.runner import finalize
 
         return finalize(eval_dir)
     summary = json.loads(path.read_text())

@@ -21,22 +21,22 @@ from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_json, atomic_write_text, sha256_of_file
 from robustmim.provenance import write_provenance
 from robustmim.log import get_logger
-from pipeline.data.config import LoaderConfig
-from pipeline.data.dali import DaliLoader
-from pipeline.data.shardset import open_shards
-from pipeline.models.deployed import DefenseKind, load_deployed, read_spec
-from eval.apgd import autoattack
-from eval.attack_names import attack_key, autoattack_fields, pgd_fields, planned_attacks
-from eval.attacks import pgd_attack
-from eval.certify import ABSTAIN, certify, largest_certifiable_radius, predict
-from eval.config import AutoAttackVersion, EvalConfig
-from pipeline.engine.config import compiles, uses_bf16
-from pipeline.models.vit import compile_blocks
-from eval.model import EvalModel
-from eval.records import MERGED, RECORDS_DIR, RECORDS_FORMAT, RecordWriter, merge_records, recorded_indices
-from eval.sampling import CERTIFY_ESTIMATE, CERTIFY_SELECT, CLEAN, PREDICT, selected_indices
-from pipeline.randomness import sample_generator
-from eval.summary import cohen_table, summarize
+from robustmim.pipeline.data.config import LoaderConfig
+from robustmim.pipeline.data.dali import DaliLoader
+from robustmim.pipeline.data.shardset import open_shards
+from robustmim.pipeline.models.deployed import DefenseKind, load_deployed, read_spec
+from robustmim.eval.apgd import autoattack
+from robustmim.eval.attack_names import attack_key, autoattack_fields, pgd_fields, planned_attacks
+from robustmim.eval.attacks import pgd_attack
+from robustmim.eval.certify import ABSTAIN, certify, largest_certifiable_radius, predict
+from robustmim.eval.config import AutoAttackVersion, EvalConfig
+from robustmim.pipeline.engine.config import compiles, uses_bf16
+from robustmim.pipeline.models.vit import compile_blocks
+from robustmim.eval.model import EvalModel
+from robustmim.eval.records import MERGED, RECORDS_DIR, RECORDS_FORMAT, RecordWriter, merge_records, recorded_indices
+from robustmim.eval.sampling import CERTIFY_ESTIMATE, CERTIFY_SELECT, CLEAN, PREDICT, selected_indices
+from robustmim.pipeline.randomness import sample_generator
+from robustmim.eval.summary import cohen_table, summarize
 
 log = get_logger(__name__)
 
@@ -205,7 +205,7 @@ def evaluate_chunk(cfg: EvalConfig, plan: dict, rank: int, world_size: int, loca
                    device: torch.device, show_progress: bool = False) -> int:
     """Evaluate this rank's chunk of the plan's indices, skipping recorded ones; returns the count.
     With `show_progress`, a progress bar (plain lines in Slurm logs) with samples/s and ETA."""
-    from pipeline.engine.metrics import Progress
+    from robustmim.pipeline.engine.metrics import Progress
 
     module, spec = load_deployed(cfg.model, device)
     if compiles(cfg.compile, device.type == "cuda"):
@@ -278,7 +278,7 @@ def finalize(out_dir: str | Path) -> dict:
 
 def run_eval(cfg: EvalConfig, rank: int | None = None, world_size: int | None = None, merge: bool = True) -> dict:
     """torchrun / srun / one process (rank None), or one array task (rank and world_size given)."""
-    from pipeline.dist import detect_env, init_distributed, shutdown_distributed
+    from robustmim.pipeline.dist import detect_env, init_distributed, shutdown_distributed
 
     env = detect_env()
     array_task = rank is not None

@@ -1,7 +1,7 @@
 """Which samples are evaluated, and the purposes that key each sample's random draws.
 
 Every draw for sample i comes from its own generator seeded by (seed, i, purpose...)
-(`pipeline.randomness.sample_generator`), so a sample's outcome does not depend on the batch it
+(`robustmim.pipeline.randomness.sample_generator`), so a sample's outcome does not depend on the batch it
 landed in, the number of ranks, or whether the run was restarted.
 """
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
-from eval.attack_names import attack_label, resolve_attack
+from robustmim.eval.attack_names import attack_label, resolve_attack
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_text
 
@@ -84,7 +84,7 @@ def load_records(eval_dir: str | Path) -> dict[int, dict]:
     if not path.is_file():
         if not eval_dir.is_dir():
             raise UserError(f"evaluation directory not found: {eval_dir}")
-        from eval.runner import finalize
+        from robustmim.eval.runner import finalize
 
         finalize(eval_dir)
     return {record["idx"]: record for record in map(json.loads, path.read_text().splitlines())}
@@ -96,7 +96,7 @@ def outcomes(record: dict, metric: str) -> bool | None:
     if metric == "clean":
         return record["clean"]["correct"] if "clean" in record else None
     if metric.startswith(CERTIFIED_PREFIX):
-        from eval.summary import certified_at
+        from robustmim.eval.summary import certified_at
 
         return certified_at(record, float(metric[len(CERTIFIED_PREFIX):])) if "certify" in record else None
     entry = record.get("attacks", {}).get(metric)
@@ -167,8 +167,8 @@ def metric_label(metric: str, records: dict[int, dict], attacks: dict[str, dict]
 def compare_claim(claim: ClaimConfig, alpha: float) -> list[dict]:
     """One row per metric: both arms' accuracies (95% Clopper-Pearson), the difference in
     points, the discordant counts, the exact McNemar p-value and the verdict."""
-    from eval.report import load_summary
-    from eval.summary import accuracy
+    from robustmim.eval.report import load_summary
+    from robustmim.eval.summary import accuracy
 
     treatment, control = load_records(claim.treatment), load_records(claim.control)
     if not treatment or not control:
@@ -187,7 +187,7 @@ def compare_claim(claim: ClaimConfig, alpha: float) -> list[dict]:
 
 
 def claim_section(claim: ClaimConfig, rows: list[dict]) -> str:
-    from eval.report import percent
+    from robustmim.eval.report import percent
 
     lines = [f"### {claim.name}", ""]
     if claim.claim:
@@ -205,7 +205,7 @@ def claim_section(claim: ClaimConfig, rows: list[dict]) -> str:
 def run_study(cfg: StudyConfig, now: datetime.datetime | None = None) -> dict:
     """Compare every claim, write the markdown report (plus the plots of all arms) and a JSON of
     every number beside it; returns that JSON's content."""
-    from eval.report import load_summary, summaries_table, write_plots
+    from robustmim.eval.report import load_summary, summaries_table, write_plots
 
     if not cfg.claims:
         raise UserError("the study has no claims")

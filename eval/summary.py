@@ -3,8 +3,8 @@ intervals, certified accuracy at each radius (and on a 0.01 grid), Cohen's TSV."
 
 from __future__ import annotations
 
-from eval.certify import clopper_pearson_lower
-from eval.records import RECORDS_FORMAT
+from robustmim.eval.certify import clopper_pearson_lower
+from robustmim.eval.records import RECORDS_FORMAT
 
 RADIUS_GRID_STEP = 0.01
 

@@ -24,9 +24,9 @@ def run_training(args: argparse.Namespace) -> int:
     from robustmim.config import load_config
     from robustmim.config_help import describe_config
     from robustmim.errors import UserError
-    from pipeline.dist import detect_env
-    from pipeline.engine.metrics import format_validation
-    from pipeline.engine.run_state import read_run_state
+    from robustmim.pipeline.dist import detect_env
+    from robustmim.pipeline.engine.metrics import format_validation
+    from robustmim.pipeline.engine.run_state import read_run_state
 
     stage = args.command
     config_class = resolve(stage_named(stage).config)
@@ -72,7 +72,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from pipeline.engine.export import export_checkpoint
+    from robustmim.pipeline.engine.export import export_checkpoint
 
     info = export_checkpoint(args.checkpoint, args.out)
     print(f"exported {info['tensors']} tensors from {info['source']} (step {info['step']}) to {args.out}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.models.config import EncoderConfig, ModelConfig, VQGANConfig
+from robustmim.pipeline.models.config import EncoderConfig, ModelConfig, VQGANConfig
 
 # The one MFU denominator of the trainer's log and every bench: an H100 / H200's dense bf16
 # peak on paper, per device (a large bf16 matmul measures ~770-800 TFLOP/s on an H200).
@@ -90,7 +90,7 @@ def vqgan_flops(cfg: VQGANConfig, image_size: int, train: bool) -> float:
     dominate (a taming f8 model costs ~530 GFLOPs per 224-px image forward, nine times ViT-L's pass)."""
     import torch
 
-    from pipeline.models.vqgan import VQGAN
+    from robustmim.pipeline.models.vqgan import VQGAN
 
     def round_trip(model, images):
         decoded, quantized = model(images)
@@ -107,7 +107,7 @@ def lpips_flops(channels: int, image_size: int) -> float:
     three VGG16 passes)."""
     import torch
 
-    from pipeline.models.lpips import LPIPS
+    from robustmim.pipeline.models.lpips import LPIPS
 
     def inputs():
         image = torch.rand(1, channels, image_size, image_size)

@@ -60,7 +60,7 @@ def launch_local_ranks(stage: str, nproc_per_node: int, config: str | None, over
     import shutil
     import tempfile
 
-    from pipeline.dist import detect_env
+    from robustmim.pipeline.dist import detect_env
 
     if nproc_per_node <= 1 or detect_env().launcher != "single":
         return None
@@ -80,7 +80,7 @@ def _run_torchrun(stage: str, nproc_per_node: int, config: str | None, overrides
 
     import psutil
 
-    from pipeline.dist import free_port
+    from robustmim.pipeline.dist import free_port
 
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc_per_node),
                "--master_port", str(free_port()), "-m", "robustmim.cli", stage,
@@ -115,7 +115,7 @@ def explain_failed_ranks(stage: str, shards: str, split: str) -> None:
     where the user learns the cause. (A rank's own error already says it; hashing the shards after
     it would cost minutes on ImageNet for nothing.)"""
     from robustmim.errors import UserError
-    from pipeline.data.shardset import describe_damage, open_shards
+    from robustmim.pipeline.data.shardset import describe_damage, open_shards
 
     print(f"robustmim {stage}: a rank was killed without an error message; checking the sha256 of {shards} "
           f"(split {split}) against its manifest",

@@ -19,14 +19,12 @@ from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_text
 from robustmim.provenance import write_provenance
 from robustmim.log import get_logger
-from shards.config import ShardsConfig
-from shards.manifest import (SKIPPED_NAME, Manifest, ShardEntry, SplitEntry, manifest_path,
-                             save_manifest)
-from shards.parallel import run_parallel
-from shards.plan import SHARD_FILE, ShardPlan, plan_split
-from shards.sources import Skipped, Source, open_source
-from shards.writer import (BUILD_RECORDS_DIR, ShardRecord, ShardTask, check_completed, read_record,
-                           write_shard)
+from robustmim.shards.config import ShardsConfig
+from robustmim.shards.manifest import SKIPPED_NAME, Manifest, ShardEntry, SplitEntry, manifest_path, save_manifest
+from robustmim.shards.parallel import run_parallel
+from robustmim.shards.plan import SHARD_FILE, ShardPlan, plan_split
+from robustmim.shards.sources import Skipped, Source, open_source
+from robustmim.shards.writer import BUILD_RECORDS_DIR, ShardRecord, ShardTask, check_completed, read_record, write_shard
 
 log = get_logger(__name__)
 

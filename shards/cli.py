@@ -25,11 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from robustmim.config import load_config
     from robustmim.errors import UserError
-    from shards.manifest import load_manifest, summary_text
+    from robustmim.shards.manifest import load_manifest, summary_text
 
     if args.action == "build":
-        from shards.build import build_shards
-        from shards.config import ShardsConfig
+        from robustmim.shards.build import build_shards
+        from robustmim.shards.config import ShardsConfig
 
         if args.print_config:
             from robustmim.config_help import describe_config
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         print(summary_text(manifest, cfg.out_dir))
         return 0
     if args.action == "verify":
-        from shards.verify import verify_dir
+        from robustmim.shards.verify import verify_dir
 
         if not 0.0 < args.sample <= 1.0:
             raise UserError(f"--sample must be in (0, 1], got {args.sample}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shards.sources import SourceSample
+from robustmim.shards.sources import SourceSample
 
 # Bumped whenever the bytes written for the same samples change (member layout, encoding).
 SHARD_FORMAT_VERSION = 1

@@ -19,7 +19,7 @@ from typing import Protocol, Union
 import numpy as np
 
 from robustmim.errors import UserError
-from shards.config import ShardsConfig, SourceKind
+from robustmim.shards.config import ShardsConfig, SourceKind
 
 Payload = Union[str, np.ndarray]  # an absolute file path, or uint8 pixels
 

@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from robustmim.fileio import sha256_of_file
-from shards.images import IMAGE_EXTENSIONS, UndecodableImage, decode_checked
-from shards.manifest import ShardEntry, load_manifest, save_manifest
-from shards.parallel import run_parallel
-from shards.plan import SHARD_FILE
-from shards.tario import dali_index_text, iter_samples, split_member_name
+from robustmim.shards.images import IMAGE_EXTENSIONS, UndecodableImage, decode_checked
+from robustmim.shards.manifest import ShardEntry, load_manifest, save_manifest
+from robustmim.shards.parallel import run_parallel
+from robustmim.shards.plan import SHARD_FILE
+from robustmim.shards.tario import dali_index_text, iter_samples, split_member_name
 
 
 @dataclass

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from robustmim.fileio import atomic_write_json, atomic_write_text, sha256_of_file
-from shards.images import EncodedImage, UndecodableImage, encode_file_bytes, encode_pixels
-from shards.sources import Payload, SourceSample
-from shards.tario import SampleTarWriter, dali_index_text
+from robustmim.shards.images import EncodedImage, UndecodableImage, encode_file_bytes, encode_pixels
+from robustmim.shards.sources import Payload, SourceSample
+from robustmim.shards.tario import SampleTarWriter, dali_index_text
 
 BUILD_RECORDS_DIR = ".build"
 

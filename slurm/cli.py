@@ -7,7 +7,7 @@ from pathlib import Path
 
 from robustmim.config_help import field_help
 from robustmim.stages import stage_named
-from slurm.config import ClusterKind, SlurmConfig
+from robustmim.slurm.config import ClusterKind, SlurmConfig
 
 # flag -> SlurmConfig key
 FLAGS = {"nodes": int, "gpus_per_node": int, "tasks_per_node": int, "cpus_per_task": int, "mem_gb": int,
@@ -45,7 +45,7 @@ def run_submit(args: argparse.Namespace) -> int:
     from robustmim.errors import UserError
     from robustmim.launcher import with_resume
     from robustmim.stages import Launch, resolve, training_stages
-    from slurm.launch import estimate_memory, submit
+    from robustmim.slurm.launch import estimate_memory, submit
 
     training = training_stages()
     if args.resume and args.stage not in training:
@@ -87,10 +87,10 @@ def submit_eval(args: argparse.Namespace, slurm_cfg) -> int:
 
     from robustmim.config import load_config
     from robustmim.errors import UserError
-    from pipeline.data.shardset import open_shards
-    from eval.config import EvalConfig
-    from slurm.job import EvalTask
-    from slurm.launch import submit_array
+    from robustmim.pipeline.data.shardset import open_shards
+    from robustmim.eval.config import EvalConfig
+    from robustmim.slurm.job import EvalTask
+    from robustmim.slurm.launch import submit_array
 
     cfg = load_config(EvalConfig, args.config, args.overrides)
     tasks = args.array_tasks or len(open_shards(cfg.shards, cfg.split).tar_paths)
@@ -131,11 +131,11 @@ def run_status(args: argparse.Namespace) -> int:
     import json
 
     from robustmim.errors import UserError
-    from pipeline.engine.metrics import read_metrics
-    from pipeline.engine.run_state import read_run_state
-    from pipeline.engine.metrics import format_validation
-    from slurm.job import ATTEMPTS_FILE
-    from slurm.jobs import FINISHED, job_state, read_submissions
+    from robustmim.pipeline.engine.metrics import read_metrics
+    from robustmim.pipeline.engine.run_state import read_run_state
+    from robustmim.pipeline.engine.metrics import format_validation
+    from robustmim.slurm.job import ATTEMPTS_FILE
+    from robustmim.slurm.jobs import FINISHED, job_state, read_submissions
 
     out_dir = Path(args.out_dir)
     submissions = read_submissions(out_dir)
@@ -158,7 +158,7 @@ def run_status(args: argparse.Namespace) -> int:
                 print(f"  error log: {log}")
                 print("".join(f"    {line}\n" for line in tail), end="")
     if (out_dir / "manifest.json").is_file():  # a shards directory
-        from shards.manifest import load_manifest, summary_text
+        from robustmim.shards.manifest import load_manifest, summary_text
 
         print(summary_text(load_manifest(out_dir), out_dir))
         return 1 if problems else 0
@@ -172,7 +172,7 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"last validation: step {validation[-1]['step']}, {format_validation(validation[-1])}")
     plan = out_dir / "plan.json"
     if plan.is_file():  # an evaluation
-        from eval.records import recorded_indices
+        from robustmim.eval.records import recorded_indices
 
         wanted = len(json.loads(plan.read_text())["indices"])
         print(f"evaluation: {len(recorded_indices(out_dir))} of {wanted} samples recorded"

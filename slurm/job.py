@@ -3,7 +3,7 @@
 `StageJob` is the callable submitit pickles: in each task submitit's
 `TorchDistributedEnvironment` exports the job's ranks (global rank, local rank, task count, the
 first node's hostname, a master port fixed by the job id, so the same after a requeue) as the
-variables `pipeline.dist.detect_env` reads; then it runs the stage.
+variables `robustmim.pipeline.dist.detect_env` reads; then it runs the stage.
 
 Time limits: the warning signal (SIGUSR2, `signal_delay_s` before the limit) stops the
 trainer at its next log interval with a checkpoint; then rank 0 requeues the job with
@@ -39,7 +39,7 @@ def allreduce_check() -> dict:
     import torch
     import torch.distributed as dist
 
-    from pipeline.dist import detect_env, init_distributed, shutdown_distributed
+    from robustmim.pipeline.dist import detect_env, init_distributed, shutdown_distributed
 
     env = detect_env()
     init_distributed(env, use_gpu=False)
@@ -103,7 +103,7 @@ class StageJob(submitit.helpers.Checkpointable):
         if stage.launch is Launch.check:
             return allreduce_check()
         from robustmim.config import load_config
-        from pipeline.engine.signals import TIME_LIMIT_WARNINGS
+        from robustmim.pipeline.engine.signals import TIME_LIMIT_WARNINGS
 
         config_class, train = resolve(stage.config), resolve(stage.train)
         result = train(load_config(config_class, self.config_path, self.overrides))
@@ -141,8 +141,8 @@ class EvalTask:
 
     def __call__(self, rank: int) -> dict:
         from robustmim.config import load_config
-        from eval.config import EvalConfig
-        from eval.runner import run_eval
+        from robustmim.eval.config import EvalConfig
+        from robustmim.eval.runner import run_eval
 
         setup_logging(rank)
         quiet_libraries()

@@ -17,9 +17,9 @@ from pathlib import Path
 import submitit
 
 from robustmim.errors import UserError
-from slurm.config import ClusterKind, SlurmConfig, time_minutes
-from slurm.job import StageJob
-from slurm.jobs import record_submission
+from robustmim.slurm.config import ClusterKind, SlurmConfig, time_minutes
+from robustmim.slurm.job import StageJob
+from robustmim.slurm.jobs import record_submission
 
 
 def resolve_cluster(kind: ClusterKind) -> str:
@@ -99,7 +99,7 @@ ACTIVATION_BYTES_PER_TOKEN_WIDTH = {True: 40, False: 80}
 
 def block_tokens(cfg) -> list[tuple[int, int]]:
     """(tokens, width) of each transformer block one image passes through in training."""
-    from pipeline.models.config import ClassifierConfig, ModelConfig
+    from robustmim.pipeline.models.config import ClassifierConfig, ModelConfig
 
     model = cfg.model
     if isinstance(model, ClassifierConfig):
@@ -122,11 +122,11 @@ def estimate_memory(cfg, world_size: int, on_gpu: bool = True) -> MemoryEstimate
 
     import torch
 
-    from pipeline.engine.config import Precision, uses_bf16
-    from pipeline.models.classifier import ViTClassifier
-    from pipeline.models.config import ClassifierConfig, VQGANConfig
-    from pipeline.models.mae import MaskedAutoencoder
-    from pipeline.models.vqgan import VQGAN
+    from robustmim.pipeline.engine.config import Precision, uses_bf16
+    from robustmim.pipeline.models.classifier import ViTClassifier
+    from robustmim.pipeline.models.config import ClassifierConfig, VQGANConfig
+    from robustmim.pipeline.models.mae import MaskedAutoencoder
+    from robustmim.pipeline.models.vqgan import VQGAN
 
     model_cfg = cfg.model
     with torch.device("meta"):

@@ -1,7 +1,7 @@
 """A real Slurm on this machine, on loopback: for the tests and for rehearsing a job.
 
-    python -m slurm.local_cluster start [--dir runs/slurm] [--nodes 2]   # prints `export SLURM_CONF=...`
-    python -m slurm.local_cluster status|stop [--dir runs/slurm]
+    python -m robustmim.slurm.local_cluster start [--dir runs/slurm] [--nodes 2]   # prints `export SLURM_CONF=...`
+    python -m robustmim.slurm.local_cluster status|stop [--dir runs/slurm]
 
 Debian's slurm-wlm and munge (installed with apt when missing, as root, with services blocked
 from starting on their own) run as root without systemd or cgroups: munged with a private key
@@ -12,7 +12,7 @@ scontrol, and submitit through them) find this cluster through SLURM_CONF.
 
 Settings that matter for tests: `cred_expire=10` (a requeued job restarts after ~10 s instead
 of ~2 min), short scheduler intervals, `MinJobAge=3600` (finished jobs stay visible to
-`scontrol show job`, which `slurm.jobs` uses where there is no accounting database), and
+`scontrol show job`, which `robustmim.slurm.jobs` uses where there is no accounting database), and
 `FirstJobId` from the clock (a wiped state directory would otherwise reuse ids and submitit
 would read an old result).
 """

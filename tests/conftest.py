@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from robustmim.config import load_config
-from shards.build import build_shards
-from shards.config import FASHION_MNIST_DIR, ShardsConfig
-from shards.synthetic import make_image_tree
+from robustmim.shards.build import build_shards
+from robustmim.shards.config import FASHION_MNIST_DIR, ShardsConfig
+from robustmim.shards.synthetic import make_image_tree
 
 from helpers import REPO_ROOT  # noqa: F401 (tests import it from here)
 
@@ -84,7 +84,7 @@ def slurm_cluster(tmp_path_factory):
     """A real Slurm (slurmctld + slurmd + munged) on loopback for the whole session."""
     import os
 
-    from slurm.local_cluster import LocalCluster
+    from robustmim.slurm.local_cluster import LocalCluster
 
     cluster = LocalCluster(tmp_path_factory.mktemp("slurm"))
     seconds = cluster.start()
@@ -109,7 +109,7 @@ def tiny_tokenizer(tmp_path_factory, fashion_shards) -> Path:
     import subprocess
     import sys
 
-    from pipeline.engine.export import export_checkpoint
+    from robustmim.pipeline.engine.export import export_checkpoint
 
     root = tmp_path_factory.mktemp("tokenizer")
     robustmim = str(Path(sys.executable).parent / "robustmim")
@@ -133,7 +133,7 @@ def lpips_weights(tmp_path_factory) -> list[Path]:
     import torch
     from safetensors.torch import save_file
 
-    from pipeline.timm_import import timm  # noqa: F401  (makes torchvision importable with the CPU torch)
+    from robustmim.pipeline.timm_import import timm  # noqa: F401  (makes torchvision importable with the CPU torch)
     from torchvision.models.vgg import cfgs, make_layers
 
     torch.manual_seed(0)

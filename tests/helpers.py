@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.engine.metrics import read_metrics
+from robustmim.pipeline.engine.metrics import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ROBUSTMIM = str(Path(sys.executable).parent / "robustmim")
@@ -67,7 +67,7 @@ def curve(out_dir) -> list[tuple]:
 def tiny_model_config(**values):
     """The masked autoencoder at Fashion-MNIST scale (vit_tiny_patch4 + the tiny decoder)."""
     from robustmim.config import load_config
-    from pipeline.models.config import ModelConfig
+    from robustmim.pipeline.models.config import ModelConfig
 
     base = dict(encoder="vit_tiny_patch4", decoder="tiny", img_size=28, in_chans=1,
                 pixel_mean="[0.286]", pixel_std="[0.353]")
@@ -77,7 +77,7 @@ def tiny_model_config(**values):
 def tiny_classifier_config(**values):
     """The ViT classifier at Fashion-MNIST scale, 10 classes."""
     from robustmim.config import load_config
-    from pipeline.models.config import ClassifierConfig
+    from robustmim.pipeline.models.config import ClassifierConfig
 
     base = dict(encoder="vit_tiny_patch4", img_size=28, in_chans=1, pixel_mean="[0.286]", pixel_std="[0.353]",
                 num_classes=10)
@@ -90,7 +90,7 @@ TOKENIZER_CONFIG = "configs/tokenizer/tiny_fmnist.yaml"
 def tiny_tokenizer_config(**overrides):
     """The demo's tokenizer config (configs/tokenizer/tiny_fmnist.yaml) with overrides."""
     from robustmim.config import load_config
-    from pipeline.tokenizer.config import TokenizerConfig
+    from robustmim.pipeline.tokenizer.config import TokenizerConfig
 
     return load_config(TokenizerConfig, TOKENIZER_CONFIG,
                        [f"{k}={v}" for k, v in {"out_dir": "x", **overrides}.items()])
@@ -102,7 +102,7 @@ def val_images(shards, every_nth: int):
 
     import torch
 
-    from pipeline.data.dali import DaliLoader
+    from robustmim.pipeline.data.dali import DaliLoader
 
     cfg = tiny_tokenizer_config(**{"data.shards": shards})
     data = dataclasses.replace(cfg.data, split="val", augment=False, batch_size=500)
@@ -144,7 +144,7 @@ def wandb_offline_runs(out_dir) -> dict[str, list[list[dict]]]:
 
 def wait_finished(job_id: str, timeout_s: float, poll_s: float = 1.0) -> str:
     """Poll Slurm until the job is in a final state; returns it (fails the test on timeout)."""
-    from slurm.jobs import FINISHED, job_state
+    from robustmim.slurm.jobs import FINISHED, job_state
 
     deadline = time.monotonic() + timeout_s
     while True:

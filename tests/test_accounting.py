@@ -10,9 +10,9 @@ import torch.multiprocessing as mp
 
 from robustmim.config import load_config
 from robustmim.errors import ConfigError
-from pipeline.data.accounting import RunLength
-from pipeline.data.config import LoaderConfig
-from pipeline.data.dali import DaliLoader
+from robustmim.pipeline.data.accounting import RunLength
+from robustmim.pipeline.data.config import LoaderConfig
+from robustmim.pipeline.data.dali import DaliLoader
 
 
 def test_run_length_in_samples_or_epochs():

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 import torchattacks
 
-from pipeline.attacks import L2, LINF, ascend, input_gradient, pgd, uniform_linf_start
-from pipeline.models.classifier import ViTClassifier
+from robustmim.pipeline.attacks import L2, LINF, ascend, input_gradient, pgd, uniform_linf_start
+from robustmim.pipeline.models.classifier import ViTClassifier
 
 from helpers import tiny_classifier_config
 

@@ -52,7 +52,7 @@ def test_help_lists_every_stage_with_its_own_help_line():
 
 def test_a_single_process_run_picks_a_free_port_unless_one_is_given():
     """Two single-process runs on one machine must not both take torch's default 29500."""
-    from pipeline.dist import detect_env
+    from robustmim.pipeline.dist import detect_env
 
     first, second = detect_env({}), detect_env({})
     assert first.launcher == "single" and 29500 not in (first.master_port, second.master_port)
@@ -64,7 +64,7 @@ def test_print_config_shows_every_setting_with_its_help_and_reads_back_as_overri
     """`--print-config` prints the resolved settings and starts nothing; its lines, given back as
     key=value overrides, rebuild the same config; an unknown key is still refused, naming it."""
     from robustmim.config import load_config
-    from pipeline.pretrain.config import PretrainConfig
+    from robustmim.pipeline.pretrain.config import PretrainConfig
 
     shown = run("pretrain", "--print-config", "--config", "configs/pretrain/mae_tiny_fmnist.yaml",
                 f"out_dir={tmp_path / 'run'}", "seed=3")

@@ -9,7 +9,7 @@ import yaml
 from robustmim.config import load_config
 from robustmim.errors import ConfigError
 from robustmim.provenance import write_provenance
-from shards.config import ShardsConfig, SourceKind
+from robustmim.shards.config import ShardsConfig, SourceKind
 
 from conftest import REPO_ROOT
 
@@ -79,7 +79,7 @@ def test_sections_and_keys_that_must_agree_are_checked_in_the_config(stage, over
 
 
 def test_bf16_weights_needs_zero_and_is_a_training_mode():
-    from eval.config import EvalConfig
+    from robustmim.eval.config import EvalConfig
     from robustmim.stages import resolve, stage_named
 
     schema = resolve(stage_named("pretrain").config)
@@ -110,7 +110,7 @@ def test_compile_is_on_for_gpus_unless_set_and_never_with_zero3():
 
 def test_resume_choices_and_which_settings_make_a_checkpoint_another_run():
     from robustmim.stages import resolve, stage_named
-    from pipeline.engine.trainer import CONFIG_HASHES_VERSION, changed_sections, config_hashes
+    from robustmim.pipeline.engine.trainer import CONFIG_HASHES_VERSION, changed_sections, config_hashes
 
     schema = resolve(stage_named("pretrain").config)
     path = REPO_ROOT / "configs/pretrain/mae_tiny_fmnist.yaml"
@@ -141,7 +141,7 @@ def test_malformed_override_and_missing_file(tmp_path):
 
 
 def test_shipped_configs_load():
-    from pipeline.pretrain.config import PretrainConfig
+    from robustmim.pipeline.pretrain.config import PretrainConfig
 
     shards = sorted((REPO_ROOT / "configs" / "shards").glob("*.yaml"))
     pretrain = sorted((REPO_ROOT / "configs" / "pretrain").glob("*.yaml"))
@@ -198,14 +198,14 @@ def test_every_shipped_config_loads_and_states_only_what_differs(path):
 
 
 def test_a_restated_default_is_found():
-    from pipeline.pretrain.config import PretrainConfig
+    from robustmim.pipeline.pretrain.config import PretrainConfig
 
     tree = {"zero_stage": 2, "micro_batch": 32, "data": {"split": "train", "shards": "x"}, "objective": {"name": "mae"}}
     assert _restated_defaults(PretrainConfig, tree) == ["zero_stage", "data.split", "objective.name"]
 
 
 def test_shipped_finetune_configs_load_with_their_recipe():
-    from pipeline.finetune.config import FinetuneConfig
+    from robustmim.pipeline.finetune.config import FinetuneConfig
 
     finetune = sorted((REPO_ROOT / "configs" / "finetune").glob("*.yaml"))
     assert len(finetune) == 13  # five recipes, each tiny and ImageNet ViT-L; De3 ViT-B, MIMIR ViT-B and ViT-S
@@ -218,8 +218,8 @@ def test_shipped_finetune_configs_load_with_their_recipe():
 def test_paper_scale_configs_are_the_papers_main_table_settings():
     """NIM's main table is ViT-B; MIMIR's ImageNet table ViT-S and ViT-B (raw [0, 1] pixels, 512
     images per GPU for its nHSIC term). Each header names what it reproduces."""
-    from pipeline.pretrain.config import PretrainConfig
-    from pipeline.finetune.config import FinetuneConfig
+    from robustmim.pipeline.pretrain.config import PretrainConfig
+    from robustmim.pipeline.finetune.config import FinetuneConfig
 
     nim = load_config(PretrainConfig, REPO_ROOT / "configs" / "pretrain" / "nim_vitb_in1k.yaml")
     assert (nim.model.encoder, nim.model.decoder, nim.global_batch, nim.length.epochs) == (
@@ -242,7 +242,7 @@ def test_paper_scale_configs_are_the_papers_main_table_settings():
 
 
 def test_shipped_eval_configs_load():
-    from eval.config import EvalConfig
+    from robustmim.eval.config import EvalConfig
 
     evals = sorted((REPO_ROOT / "configs" / "eval").glob("*.yaml"))
     assert len(evals) >= 3
@@ -253,9 +253,9 @@ def test_shipped_eval_configs_load():
 
 
 def test_shipped_tokenizer_config_and_presets_load():
-    from pipeline.finetune.config import FinetuneConfig
-    from pipeline.models.config import PRESETS
-    from pipeline.tokenizer.config import TokenizerConfig
+    from robustmim.pipeline.finetune.config import FinetuneConfig
+    from robustmim.pipeline.models.config import PRESETS
+    from robustmim.pipeline.tokenizer.config import TokenizerConfig
 
     cfg = load_config(TokenizerConfig, REPO_ROOT / "configs" / "tokenizer" / "tiny_fmnist.yaml")
     assert cfg.model.resolution == cfg.data.image_size == 28 and cfg.model.downsampling == 4
@@ -279,7 +279,7 @@ def test_resolved_config_and_git_sha_written_beside_output(tmp_path):
 
 def test_times_are_not_read_as_base_60_numbers(tmp_path):
     """YAML 1.1 reads 72:00:00 as 259200; a Slurm time limit must stay what was written."""
-    from slurm.config import SlurmConfig, time_minutes
+    from robustmim.slurm.config import SlurmConfig, time_minutes
 
     path = tmp_path / "slurm.yaml"
     path.write_text("time: 72:00:00\nnodes: 2\n")
@@ -294,7 +294,7 @@ def test_times_are_not_read_as_base_60_numbers(tmp_path):
 def test_old_output_directory_names_still_read_under_the_one_name(tmp_path):
     """`out_dir` for every stage: shards' former `out` and training's former `run_dir` still load
     (older commands, and older run directories' config.yaml, which `robustmim export` reads)."""
-    from pipeline.pretrain.config import PretrainConfig
+    from robustmim.pipeline.pretrain.config import PretrainConfig
 
     assert load_config(ShardsConfig, None, ["out=/x"]).out_dir == "/x"
     old = tmp_path / "config.yaml"

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from robustmim.config import load_config
-from pipeline.engine.config import Precision, cpu_computes_bf16, uses_bf16
-from pipeline.finetune.config import FinetuneConfig
-from pipeline.finetune.mixing import smooth_one_hot
-from pipeline.finetune.recipes import DiscreteAdversarial, build_recipe
-from pipeline.finetune.task import FinetuneModule
-from pipeline.models.classifier import ViTClassifier
-from pipeline.models.vqgan import reconstruct
+from robustmim.pipeline.engine.config import Precision, cpu_computes_bf16, uses_bf16
+from robustmim.pipeline.finetune.config import FinetuneConfig
+from robustmim.pipeline.finetune.mixing import smooth_one_hot
+from robustmim.pipeline.finetune.recipes import DiscreteAdversarial, build_recipe
+from robustmim.pipeline.finetune.task import FinetuneModule
+from robustmim.pipeline.models.classifier import ViTClassifier
+from robustmim.pipeline.models.vqgan import reconstruct
 
 from helpers import val_images
 

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from robustmim.config import load_config
-from pipeline.engine.checkpoint import LATEST, METADATA
-from pipeline.pretrain.config import PretrainConfig
-from pipeline.engine.export import export_checkpoint
-from pipeline.engine.metrics import read_metrics
+from robustmim.pipeline.engine.checkpoint import LATEST, METADATA
+from robustmim.pipeline.pretrain.config import PretrainConfig
+from robustmim.pipeline.engine.export import export_checkpoint
+from robustmim.pipeline.engine.metrics import read_metrics
 
 from conftest import REPO_ROOT
 
@@ -272,10 +272,10 @@ LIVE_WEIGHTS_SCRIPT = """
 import sys, deepspeed
 from safetensors.torch import save_file
 from robustmim.config import load_config
-from pipeline.dist import detect_env, init_distributed, shutdown_distributed
-from pipeline.pretrain.config import PretrainConfig
-from pipeline.pretrain.task import PretrainTask
-from pipeline.engine.trainer import Trainer
+from robustmim.pipeline.dist import detect_env, init_distributed, shutdown_distributed
+from robustmim.pipeline.pretrain.config import PretrainConfig
+from robustmim.pipeline.pretrain.task import PretrainTask
+from robustmim.pipeline.engine.trainer import Trainer
 
 cfg = load_config(PretrainConfig, None, sys.argv[2:])
 env = detect_env()
@@ -332,8 +332,8 @@ def test_global_batch_must_split_over_ranks_and_micro_batches(tmp_path, fashion_
 def test_deepspeed_clips_exactly_as_configured(clip):
     """DeepSpeed clips at 1.0 unless told otherwise: a run asking for no clipping must get none,
     and then skips the global gradient norm (its all-reduce and host read) altogether."""
-    from pipeline.dist import free_port
-    from pipeline.engine.trainer import deepspeed_config
+    from robustmim.pipeline.dist import free_port
+    from robustmim.pipeline.engine.trainer import deepspeed_config
 
     cfg = load_config(PretrainConfig, None, ["out_dir=unused", "data.shards=unused", "zero_stage=1",
                                              "global_batch=8", "micro_batch=8", f"optim.clip_grad={clip}"])

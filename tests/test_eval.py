@@ -20,17 +20,18 @@ from scipy.stats import binom, binomtest, norm
 
 from robustmim.config import load_config
 from robustmim.errors import UserError
-from pipeline.data.config import LoaderConfig
-from pipeline.data.dali import DaliLoader
-from pipeline.models.classifier import ViTClassifier
-from pipeline.models.deployed import DefenseKind, DeploymentSpec, deployed_model
-from eval.apgd import autoattack, checkpoints, dlr_untargeted
-from eval.attack_names import attack_key, attack_label, attack_labels, autoattack_fields, pgd_fields, planned_attacks
-from eval.attacks import pgd_attack
-from eval.certify import ABSTAIN, certify, clopper_pearson_lower, largest_certifiable_radius, predict
-from eval.config import AutoAttackConfig, PGDConfig
-from eval.model import EvalModel
-from eval.records import merge_records, rank_file
+from robustmim.pipeline.data.config import LoaderConfig
+from robustmim.pipeline.data.dali import DaliLoader
+from robustmim.pipeline.models.classifier import ViTClassifier
+from robustmim.pipeline.models.deployed import DefenseKind, DeploymentSpec, deployed_model
+from robustmim.eval.apgd import autoattack, checkpoints, dlr_untargeted
+from robustmim.eval.attack_names import (attack_key, attack_label, attack_labels, autoattack_fields, pgd_fields,
+                                         planned_attacks)
+from robustmim.eval.attacks import pgd_attack
+from robustmim.eval.certify import ABSTAIN, certify, clopper_pearson_lower, largest_certifiable_radius, predict
+from robustmim.eval.config import AutoAttackConfig, PGDConfig
+from robustmim.eval.model import EvalModel
+from robustmim.eval.records import merge_records, rank_file
 
 from conftest import REPO_ROOT
 from helpers import ROBUSTMIM, finish, tiny_classifier_config, wait_for
@@ -253,7 +254,7 @@ def test_the_report_names_the_suite_that_ran(part, overrides, key, label):
 def test_attack_keys_hold_every_setting_and_an_attack_configured_twice_is_refused():
     """Two PGD attacks that differ only in step size, restarts, EOT, votes or random start get
     their own keys (neither overwrites the other's results); the same attack twice is refused."""
-    from eval.config import EvalConfig
+    from robustmim.eval.config import EvalConfig
 
     base = "{epsilons: [0.05], steps: 10, eot: 8, score_draws: 8"
     variants = ["", ", step_size: 0.01", ", restarts: 2", ", eot: 4", ", score_draws: 4", ", random_start: false"]
@@ -367,7 +368,7 @@ def test_compiled_blocks_give_the_eager_logits_and_attack_outcomes(trained):
     fuses, so not bit for bit) and the same PGD outcomes, for a plain and a smoothing model (EOT)."""
     import copy
 
-    from pipeline.models.vit import compile_blocks
+    from robustmim.pipeline.models.vit import compile_blocks
 
     images, labels = val_batch(trained["shards"], 32)
     compiled_module = copy.deepcopy(trained["model"])
@@ -676,8 +677,8 @@ def test_report_puts_models_in_one_table_with_plots(trained, one_rank, tmp_path)
 
 def test_accuracy_vs_epsilon_curves_hold_pgd_only():
     """An APGD cascade at one ε sits in the table, not on the PGD curve it would seem to bend."""
-    from eval.report import pgd_curves
-    from eval.summary import summarize
+    from robustmim.eval.report import pgd_curves
+    from robustmim.eval.summary import summarize
 
     pgd = load_config(PGDConfig, None, ["epsilons=[0.05, 0.1]", "steps=10"])
     pgd_l2 = load_config(PGDConfig, None, ["norm=l2", "epsilons=[1.0]", "steps=10"])

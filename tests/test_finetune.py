@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from robustmim.config import load_config
-from pipeline.data.config import LoaderConfig
-from pipeline.data.dali import DaliLoader
-from pipeline.engine.checkpoint import LATEST
-from pipeline.engine.export import export_checkpoint
-from pipeline.engine.metrics import read_metrics
-from pipeline.models.deployed import DefenseKind, DenoiseThenClassify, SmoothingBase, load_deployed
+from robustmim.pipeline.data.config import LoaderConfig
+from robustmim.pipeline.data.dali import DaliLoader
+from robustmim.pipeline.engine.checkpoint import LATEST
+from robustmim.pipeline.engine.export import export_checkpoint
+from robustmim.pipeline.engine.metrics import read_metrics
+from robustmim.pipeline.models.deployed import DefenseKind, DenoiseThenClassify, SmoothingBase, load_deployed
 
 from helpers import finish, last_step, run_stage, wait_for
 
@@ -105,8 +105,8 @@ def test_each_recipe_learns_and_exports_its_deployed_model(tmp_path, fashion_sha
 
 
 def evaluate(model_json, shards, out) -> dict:
-    from eval.config import EvalConfig
-    from eval.runner import run_eval
+    from robustmim.eval.config import EvalConfig
+    from robustmim.eval.runner import run_eval
 
     cfg = load_config(EvalConfig, "configs/eval/tiny_fmnist.yaml", [
         f"model={model_json}", f"shards={shards}", f"out_dir={out}", "every_nth=500", "batch_size=20",

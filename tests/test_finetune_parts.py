@@ -9,15 +9,15 @@ import torch.nn.functional as F
 
 from robustmim.config import load_config
 from robustmim.errors import UserError
-from pipeline.engine.optim import WarmupCosine, build_optimizer, layer_decay_groups
-from pipeline.finetune.config import FinetuneOptimConfig, MixupConfig, RecipeConfig
-from pipeline.finetune.mixing import BatchMixer, random_erase, smooth_one_hot, soft_cross_entropy
-from pipeline.finetune.recipes import build_recipe
-from pipeline.finetune.task import FinetuneModule
-from pipeline.models.classifier import ViTClassifier, load_pretrained_encoder
-from pipeline.models.deployed import DenoiseThenClassify, denoise
-from pipeline.models.mae import MaskedAutoencoder
-from pipeline.randomness import step_generator
+from robustmim.pipeline.engine.optim import WarmupCosine, build_optimizer, layer_decay_groups
+from robustmim.pipeline.finetune.config import FinetuneOptimConfig, MixupConfig, RecipeConfig
+from robustmim.pipeline.finetune.mixing import BatchMixer, random_erase, smooth_one_hot, soft_cross_entropy
+from robustmim.pipeline.finetune.recipes import build_recipe
+from robustmim.pipeline.finetune.task import FinetuneModule
+from robustmim.pipeline.models.classifier import ViTClassifier, load_pretrained_encoder
+from robustmim.pipeline.models.deployed import DenoiseThenClassify, denoise
+from robustmim.pipeline.models.mae import MaskedAutoencoder
+from robustmim.pipeline.randomness import step_generator
 
 from helpers import tiny_classifier_config, tiny_model_config
 
@@ -266,8 +266,8 @@ def test_fine_tuning_takes_the_input_normalization_of_its_encoder(tmp_path):
     same MIMIR recipe: each classifier normalizes as its own encoder was pretrained."""
     import json
 
-    from pipeline.finetune.config import FinetuneConfig
-    from pipeline.finetune.task import with_encoder_normalization
+    from robustmim.pipeline.finetune.config import FinetuneConfig
+    from robustmim.pipeline.finetune.task import with_encoder_normalization
 
     def export(name, mean, std):
         (tmp_path / f"{name}.safetensors").write_bytes(b"")

@@ -6,13 +6,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from robustmim.config import load_config
-from pipeline.flops import MATH_ATTENTION_BACKWARD, autoencoder_pass
-from pipeline.models.config import ModelConfig
-from pipeline.models.mae import MaskedAutoencoder
-from pipeline.objectives.config import ObjectiveConfig
-from pipeline.objectives.registry import build_objective
-from pipeline.pretrain.flops import pretraining_flops_per_image
-from pipeline.randomness import step_generator
+from robustmim.pipeline.flops import MATH_ATTENTION_BACKWARD, autoencoder_pass
+from robustmim.pipeline.models.config import ModelConfig
+from robustmim.pipeline.models.mae import MaskedAutoencoder
+from robustmim.pipeline.objectives.config import ObjectiveConfig
+from robustmim.pipeline.objectives.registry import build_objective
+from robustmim.pipeline.pretrain.flops import pretraining_flops_per_image
+from robustmim.pipeline.randomness import step_generator
 
 BATCH = 6
 
@@ -75,7 +75,7 @@ def test_the_fused_attention_backward_factor_is_what_flop_counter_mode_counts_fo
     runs four more matmuls, 2.5 times the forward's two, for ViT-L's and the tiny ViT's shapes."""
     from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
-    from pipeline.flops import FUSED_ATTENTION_BACKWARD
+    from robustmim.pipeline.flops import FUSED_ATTENTION_BACKWARD
 
     for shape in ((64, 16, 50, 64), (8, 3, 17, 64)):  # batch, heads, tokens, head dim
         assert sdpa_backward_flop_count(shape, shape, shape, shape) == \

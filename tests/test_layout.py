@@ -1,21 +1,32 @@
-"""The package layout: no import circle between the project's modules (imports inside functions
-included: a circle there is one `import` away from a failing start-up), and models that import
-no objective (data flows objective -> model, never back); test modules that share helpers, not
-each other."""
+"""The package layout: one installed name (`robustmim`, with the stage folders at the repository
+root linked in as its subpackages), every import through it; no import circle between the
+project's modules (imports inside functions included: a circle there is one `import` away from a
+failing start-up), and models that import no objective (data flows objective -> model, never
+back); test modules that share helpers, not each other."""
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import REPO_ROOT
 
-PACKAGES = ("robustmim", "pipeline", "eval", "slurm", "shards")
+STAGE_FOLDERS = ("pipeline", "eval", "slurm", "shards")  # at the root, robustmim.<folder> when imported
 
 
 def project_modules() -> dict[str, Path]:
+    """Dotted name -> file, as Python imports them: robustmim/*.py and the stage folders' modules
+    under robustmim.<folder>."""
     modules = {}
-    for package in PACKAGES:
-        for path in (REPO_ROOT / package).rglob("*.py"):
-            parts = list(path.relative_to(REPO_ROOT).with_suffix("").parts)
+    roots = [(REPO_ROOT / "robustmim", ["robustmim"])]
+    roots += [(REPO_ROOT / folder, ["robustmim", folder]) for folder in STAGE_FOLDERS]
+    for root, prefix in roots:
+        for path in root.rglob("*.py"):
+            relative = path.relative_to(root)
+            if relative.parts[0] in STAGE_FOLDERS and root.name == "robustmim":
+                continue  # the links: these files are listed from their own folder
+            parts = prefix + list(relative.with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()
             modules[".".join(parts)] = path
@@ -85,9 +96,56 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def python_files() -> list[Path]:
+    """Every Python file of the project: the packages, bench/ and tests/."""
+    folders = ["robustmim", *STAGE_FOLDERS, "bench", "tests"]
+    return [path for folder in folders for path in (REPO_ROOT / folder).rglob("*.py")
+            if not (folder == "robustmim" and path.relative_to(REPO_ROOT / folder).parts[0] in STAGE_FOLDERS)]
+
+
+def test_the_stage_folders_are_robustmims_subpackages_through_links():
+    for folder in STAGE_FOLDERS:
+        link = REPO_ROOT / "robustmim" / folder
+        assert link.is_symlink() and os.readlink(link) == f"../{folder}", link
+        assert (link / "__init__.py").samefile(REPO_ROOT / folder / "__init__.py")
+
+
+def test_every_import_of_the_projects_code_goes_through_the_robustmim_name():
+    """`import pipeline` would load a second copy of a module (or another package's `pipeline`)."""
+    bare = {}
+    for path in python_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            found = [name for name in names if name.split(".")[0] in STAGE_FOLDERS]
+            if found:
+                bare.setdefault(str(path.relative_to(REPO_ROOT)), []).extend(found)
+    assert bare == {}
+
+
+def test_the_cli_runs_beside_foreign_packages_named_like_the_stage_folders(tmp_path):
+    """Packages called pipeline, eval, slurm and shards (there are such on PyPI) first on the path:
+    every project module still imports, and a stage's command line runs."""
+    for folder in STAGE_FOLDERS:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "__init__.py").write_text(f"raise ImportError('the foreign {folder} was imported')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    outside = tmp_path / "elsewhere"  # not the repository root, whose folders would come first
+    outside.mkdir()
+    names = sorted(name for name in project_modules() if not name.endswith("__main__"))
+    script = "import importlib, sys\nfor name in sys.argv[1:]: importlib.import_module(name)\nprint('imported')"
+    done = subprocess.run([sys.executable, "-c", script, *names], cwd=outside, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-3000:]
+    config = REPO_ROOT / "configs/pretrain/mae_tiny_fmnist.yaml"
+    done = subprocess.run([str(Path(sys.executable).with_name("robustmim")), "pretrain", "--config", str(config),
+                           "--print-config"], cwd=outside, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "objective.name" in done.stdout, done.stderr[-3000:]
+
+
 def test_no_import_circle_between_the_projects_modules():
     graph = import_graph()
-    assert len(graph) > 60 and "pipeline.engine.trainer" in graph
+    assert len(graph) > 60 and "robustmim.pipeline.engine.trainer" in graph
     assert cycles(graph) == []
 
 
@@ -97,8 +155,8 @@ def test_the_cycle_finder_finds_a_planted_circle():
 
 
 def test_models_import_no_objective():
-    offenders = {name: sorted(n for n in deps if n.startswith("pipeline.objectives"))
-                 for name, deps in import_graph().items() if name.startswith("pipeline.models")}
+    offenders = {name: sorted(n for n in deps if n.startswith("robustmim.pipeline.objectives"))
+                 for name, deps in import_graph().items() if name.startswith("robustmim.pipeline.models")}
     assert {name: deps for name, deps in offenders.items() if deps} == {}
 
 
@@ -115,17 +173,14 @@ def test_a_launching_command_checks_its_config_without_importing_torch():
     the ranks import torch, timm, DeepSpeed and DALI. A launcher that imported them too would pay
     ~3 s before every launch (a dozen launches in `make demo`): this walks the launcher's path in
     a fresh interpreter and looks for torch in what it loaded."""
-    import subprocess
-    import sys
-
     script = """
 import sys
 from robustmim.cli import build_parser
 from robustmim.config import load_config
 from robustmim.launcher import launch_local_ranks, explain_failed_ranks
 from robustmim.stages import STAGES, Launch, resolve
-from pipeline.dist import detect_env, free_port
-from pipeline.engine.run_state import read_run_state
+from robustmim.pipeline.dist import detect_env, free_port
+from robustmim.pipeline.engine.run_state import read_run_state
 build_parser()
 for stage in STAGES:
     if stage.launch in (Launch.training, Launch.array):

@@ -9,10 +9,10 @@ import torch
 
 from robustmim.config import load_config
 from robustmim.errors import ConfigError, UserError
-from pipeline.data.config import LoaderConfig
-from pipeline.data.dali import DaliLoader
-from pipeline.data.reference import ReferenceLoader
-from shards.manifest import load_manifest
+from robustmim.pipeline.data.config import LoaderConfig
+from robustmim.pipeline.data.dali import DaliLoader
+from robustmim.pipeline.data.reference import ReferenceLoader
+from robustmim.shards.manifest import load_manifest
 
 from conftest import REPO_ROOT
 

@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import save_file
 
 from robustmim.errors import ConfigError, UserError
-from pipeline.dist import detect_env
-from pipeline.flops import lpips_flops
-from pipeline.models.lpips import LPIPS, load_lpips
-from pipeline.models.weights import read_state_dict
-from pipeline.tokenizer.task import TokenizerModule, TokenizerTask
+from robustmim.pipeline.dist import detect_env
+from robustmim.pipeline.flops import lpips_flops
+from robustmim.pipeline.models.lpips import LPIPS, load_lpips
+from robustmim.pipeline.models.weights import read_state_dict
+from robustmim.pipeline.tokenizer.task import TokenizerModule, TokenizerTask
 
 from helpers import tiny_tokenizer_config
 
@@ -44,7 +44,7 @@ def reference_lpips(ours: LPIPS):
     """The `lpips` package's network (its published heads, random VGG) given our VGG weights."""
     import lpips
 
-    from pipeline.timm_import import timm  # noqa: F401  (lpips imports torchvision)
+    from robustmim.pipeline.timm_import import timm  # noqa: F401  (lpips imports torchvision)
 
     reference = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
     reference.net.load_state_dict(ours.net.state_dict())

@@ -9,10 +9,10 @@ from safetensors.torch import save_file
 
 from robustmim.config import load_config
 from robustmim.errors import UserError
-from pipeline.models.config import ModelConfig
-from pipeline.models.mae import MaskedAutoencoder, random_masking
-from pipeline.models.pos_embed import sincos_2d
-from pipeline.models.weights import load_weights
+from robustmim.pipeline.models.config import ModelConfig
+from robustmim.pipeline.models.mae import MaskedAutoencoder, random_masking
+from robustmim.pipeline.models.pos_embed import sincos_2d
+from robustmim.pipeline.models.weights import load_weights
 
 from helpers import tiny_model_config
 
@@ -169,7 +169,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
 def test_a_truncated_safetensors_file_is_a_clear_error(tmp_path):
     from safetensors.torch import save_file
 
-    from pipeline.models.weights import read_state_dict
+    from robustmim.pipeline.models.weights import read_state_dict
 
     path = tmp_path / "init.safetensors"
     save_file({"w": torch.zeros(1000)}, str(path))
@@ -183,10 +183,10 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(checkpointing):
     """`compile: true` (torch.compile per transformer block; the GPU default) on CPU: the same
     training step's loss and gradients as eager, within float tolerance (inductor fuses, so not
     bit for bit), also with activation checkpointing around the compiled blocks."""
-    from pipeline.models.vit import compile_blocks
-    from pipeline.randomness import step_generator
-    from pipeline.objectives.config import ObjectiveConfig
-    from pipeline.objectives.registry import build_objective
+    from robustmim.pipeline.models.vit import compile_blocks
+    from robustmim.pipeline.randomness import step_generator
+    from robustmim.pipeline.objectives.config import ObjectiveConfig
+    from robustmim.pipeline.objectives.registry import build_objective
 
     torch.manual_seed(0)
     eager = MaskedAutoencoder(tiny_model_config())

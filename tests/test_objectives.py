@@ -7,15 +7,15 @@ import torch
 
 from robustmim.config import load_config
 from robustmim.errors import ConfigError
-from pipeline.data.config import LoaderConfig
-from pipeline.data.dali import DaliLoader
-from pipeline.models.mae import MaskedAutoencoder
-from pipeline.objectives.config import ObjectiveConfig
-from pipeline.objectives.hsic import nhsic
-from pipeline.objectives.mimir import MIMIR
-from pipeline.objectives.nim import NIM
-from pipeline.objectives.registry import build_objective
-from pipeline.randomness import step_generator
+from robustmim.pipeline.data.config import LoaderConfig
+from robustmim.pipeline.data.dali import DaliLoader
+from robustmim.pipeline.models.mae import MaskedAutoencoder
+from robustmim.pipeline.objectives.config import ObjectiveConfig
+from robustmim.pipeline.objectives.hsic import nhsic
+from robustmim.pipeline.objectives.mimir import MIMIR
+from robustmim.pipeline.objectives.nim import NIM
+from robustmim.pipeline.objectives.registry import build_objective
+from robustmim.pipeline.randomness import step_generator
 
 from helpers import tiny_model_config
 
@@ -235,8 +235,8 @@ def test_tiny_model_loss_falls_over_50_cpu_steps_on_fashion_mnist(fashion_val_sh
 
 
 def test_pretraining_warns_when_mimirs_micro_batch_is_far_below_its_runs():
-    from pipeline.pretrain.config import PretrainConfig
-    from pipeline.pretrain.task import mimir_micro_batch_warning
+    from robustmim.pipeline.pretrain.config import PretrainConfig
+    from robustmim.pipeline.pretrain.task import mimir_micro_batch_warning
 
     tiny = mimir_micro_batch_warning(load_config(PretrainConfig, "configs/pretrain/mimir_tiny_fmnist.yaml", []))
     assert "nHSIC" in tiny and "micro_batch 64" in tiny
@@ -250,9 +250,9 @@ def test_mimir_configs_train_on_raw_pixels_as_mimirs_code():
     pixels, the target is MAE's per-patch normalization of the raw clean pixels."""
     import dataclasses
 
-    from pipeline.pretrain.config import PretrainConfig
-    from pipeline.models.config import IMAGENET_MEAN, IMAGENET_STD
-    from pipeline.objectives.base import mask_noise, pixel_target
+    from robustmim.pipeline.pretrain.config import PretrainConfig
+    from robustmim.pipeline.models.config import IMAGENET_MEAN, IMAGENET_STD
+    from robustmim.pipeline.objectives.base import mask_noise, pixel_target
 
     cfg = load_config(PretrainConfig, "configs/pretrain/mimir_vitl_in1k.yaml",
                       ["model.encoder=vit_tiny_patch4", "model.decoder=tiny", "model.img_size=32",

@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy import stats
 
-from pipeline.randomness import (per_sample_normal, sample_beta, sample_gamma, sample_generator, seeded_generator,
-                                 step_generator)
+from robustmim.pipeline.randomness import (per_sample_normal, sample_beta, sample_gamma, sample_generator,
+                                           seeded_generator, step_generator)
 
 
 def test_a_key_fixes_the_stream_and_nearby_keys_give_unrelated_ones():

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from robustmim.errors import UserError
-from pipeline.engine.checkpoint import LATEST, METADATA
-from pipeline.engine.export import export_checkpoint
-from pipeline.engine.metrics import SUPERSEDED_FILE
-from shards.manifest import load_manifest
+from robustmim.pipeline.engine.checkpoint import LATEST, METADATA
+from robustmim.pipeline.engine.export import export_checkpoint
+from robustmim.pipeline.engine.metrics import SUPERSEDED_FILE
+from robustmim.shards.manifest import load_manifest
 
 from conftest import REPO_ROOT
 from helpers import ROBUSTMIM, curve, finish, launch, settings

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from robustmim.errors import UserError
-from shards.synthetic import make_image_tree
+from robustmim.shards.synthetic import make_image_tree
 
 from conftest import build, read_skipped
 

@@ -14,9 +14,9 @@ import webdataset as wds
 from PIL import Image
 
 from robustmim.fileio import sha256_of_file
-from shards.manifest import load_manifest
-from shards.sources import FASHION_MNIST_CLASSES, read_idx_gz
-from shards.synthetic import make_image_tree
+from robustmim.shards.manifest import load_manifest
+from robustmim.shards.sources import FASHION_MNIST_CLASSES, read_idx_gz
+from robustmim.shards.synthetic import make_image_tree
 
 from conftest import build
 

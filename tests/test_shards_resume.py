@@ -7,7 +7,7 @@ import sys
 import time
 
 from robustmim.fileio import sha256_of_file
-from shards.manifest import load_manifest
+from robustmim.shards.manifest import load_manifest
 
 from conftest import REPO_ROOT, build
 

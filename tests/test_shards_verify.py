@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from robustmim.cli import main
-from shards.manifest import load_manifest
-from shards.verify import _selected
+from robustmim.shards.manifest import load_manifest
+from robustmim.shards.verify import _selected
 
 from conftest import build
 

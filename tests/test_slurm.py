@@ -10,10 +10,10 @@ import pytest
 from submitit.slurm.slurm import SlurmJob
 
 from robustmim.config import load_config
-from pipeline.engine.metrics import read_metrics
-from slurm.config import SlurmConfig
-from slurm.jobs import read_submissions
-from slurm.launch import submit, submit_array
+from robustmim.pipeline.engine.metrics import read_metrics
+from robustmim.slurm.config import SlurmConfig
+from robustmim.slurm.jobs import read_submissions
+from robustmim.slurm.launch import submit, submit_array
 
 from conftest import REPO_ROOT
 from helpers import curve, finish, launch, settings, tiny_classifier_config, wait_finished
@@ -147,7 +147,7 @@ def test_a_failed_job_shows_its_error_and_log_in_status(slurm_cluster, tmp_path,
 
 
 def test_status_shows_the_log_of_the_task_that_failed_not_only_task_0s(tmp_path):
-    from slurm.cli import failed_task_logs
+    from robustmim.slurm.cli import failed_task_logs
 
     logs = tmp_path / "slurm" / "7"
     logs.mkdir(parents=True)
@@ -201,7 +201,7 @@ def test_time_limit_requeues_and_the_run_finishes_like_an_uninterrupted_run(slur
 
 def test_two_node_job_on_one_machine(tmp_path, monkeypatch):
     """Two slurmd daemons (nodes) on this machine; one task on each all-reduces over gloo."""
-    from slurm.local_cluster import LocalCluster
+    from robustmim.slurm.local_cluster import LocalCluster
 
     cluster = LocalCluster(tmp_path / "cluster", nodes=2)
     try:
@@ -226,8 +226,8 @@ def test_eval_array_job_one_task_per_shard_merges_to_the_single_process_result(s
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
-    from pipeline.models.classifier import ViTClassifier
-    from pipeline.models.deployed import DeploymentSpec
+    from robustmim.pipeline.models.classifier import ViTClassifier
+    from robustmim.pipeline.models.deployed import DeploymentSpec
 
     torch.manual_seed(0)
     model = ViTClassifier(tiny_classifier_config())
@@ -263,7 +263,7 @@ def test_one_counter_limits_both_requeue_paths(monkeypatch, tmp_path):
     (time limit during training) and where submitit asks `checkpoint()` (before training)."""
     import submitit
 
-    from slurm.job import StageJob
+    from robustmim.slurm.job import StageJob
 
     job = StageJob("pretrain", str(tmp_path), None, [], max_requeues=2)
     for count, allowed in (("", True), ("1", True), ("2", False), ("5", False)):

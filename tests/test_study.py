@@ -11,11 +11,11 @@ import subprocess
 import pytest
 from scipy.stats import binomtest
 
-from eval.study import (CONTRADICTED, HOLDS, NOT_SIGNIFICANT, ClaimConfig, compare_claim, mcnemar_exact,
-                        verdict)
-from eval.attack_names import attack_key, pgd_fields
-from eval.config import PGDConfig
-from eval.summary import summarize
+from robustmim.eval.study import (CONTRADICTED, HOLDS, NOT_SIGNIFICANT, ClaimConfig, compare_claim, mcnemar_exact,
+                                  verdict)
+from robustmim.eval.attack_names import attack_key, pgd_fields
+from robustmim.eval.config import PGDConfig
+from robustmim.eval.summary import summarize
 from robustmim.config import load_config
 from robustmim.errors import UserError
 from tests.helpers import REPO_ROOT, ROBUSTMIM
@@ -153,7 +153,7 @@ def test_arms_attacked_with_different_settings_are_refused(tmp_path):
 
 
 def test_a_head_naming_several_attacks_of_an_arm_is_refused():
-    from eval.attack_names import resolve_attack
+    from robustmim.eval.attack_names import resolve_attack
 
     keys = [PGD_KEY, attack_key({**PGD_FIELDS, "step_size": 0.01})]
     assert resolve_attack(PGD_KEY, keys) == PGD_KEY and resolve_attack("pgd10_linf_ce_eps0.1", keys) is None
@@ -166,11 +166,11 @@ def test_a_head_naming_several_attacks_of_an_arm_is_refused():
 def test_each_study_metric_is_one_its_evaluation_config_records(study, evaluation, finetune):
     """The study configs name attacks by hand; each must name one attack the matching eval config makes,
     and each certified radius one that CERTIFY can reach with its n and alpha at the DMAE recipe's sigma."""
-    from eval.attack_names import planned_attacks, resolve_attack
-    from eval.certify import largest_certifiable_radius
-    from eval.config import EvalConfig
-    from eval.study import CERTIFIED_PREFIX, StudyConfig
-    from pipeline.finetune.config import FinetuneConfig
+    from robustmim.eval.attack_names import planned_attacks, resolve_attack
+    from robustmim.eval.certify import largest_certifiable_radius
+    from robustmim.eval.config import EvalConfig
+    from robustmim.eval.study import CERTIFIED_PREFIX, StudyConfig
+    from robustmim.pipeline.finetune.config import FinetuneConfig
     from robustmim.config import load_config
 
     cfg = load_config(StudyConfig, REPO_ROOT / "configs" / "study" / f"{study}.yaml")
@@ -191,8 +191,8 @@ def test_each_study_metric_is_one_its_evaluation_config_records(study, evaluatio
 def test_an_evaluation_by_an_earlier_robustmim_is_refused_not_misread(tmp_path):
     """Records format 1 keyed attacks without their settings: its summary is refused by the report
     and its plan by the merge, each naming the file and fresh=true."""
-    from eval.report import load_summary
-    from eval.runner import finalize
+    from robustmim.eval.report import load_summary
+    from robustmim.eval.runner import finalize
 
     write_arm(tmp_path / "old", [True] * 10, [False] * 10)
     summary = json.loads((tmp_path / "old" / "summary.json").read_text())

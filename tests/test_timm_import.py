@@ -4,7 +4,7 @@ import torch
 
 
 def test_timm_vit_blocks_run():
-    from pipeline.timm_import import timm
+    from robustmim.pipeline.timm_import import timm
     from timm.layers import PatchEmbed
     from timm.models.vision_transformer import Block
 

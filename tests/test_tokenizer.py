@@ -11,13 +11,13 @@ import torch
 import yaml
 
 from robustmim.errors import UserError
-from pipeline.data.shardset import open_shards
-from pipeline.engine.checkpoint import LATEST
-from pipeline.engine.config import Precision, uses_bf16
-from pipeline.engine.metrics import read_metrics
-from pipeline.models.vqgan import VQGAN, reconstruct
-from pipeline.tokenizer.export import load_tokenizer
-from pipeline.tokenizer.task import TokenizerModule, TokenizerTask
+from robustmim.pipeline.data.shardset import open_shards
+from robustmim.pipeline.engine.checkpoint import LATEST
+from robustmim.pipeline.engine.config import Precision, uses_bf16
+from robustmim.pipeline.engine.metrics import read_metrics
+from robustmim.pipeline.models.vqgan import VQGAN, reconstruct
+from robustmim.pipeline.tokenizer.export import load_tokenizer
+from robustmim.pipeline.tokenizer.task import TokenizerModule, TokenizerTask
 
 from conftest import TOKENIZER_STEPS
 from helpers import TOKENIZER_CONFIG, finish, run_stage, tiny_tokenizer_config, val_images, wait_for

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from robustmim.errors import UserError
-from pipeline.models.config import PRESETS, VQGANConfig
-from pipeline.models.vqgan import VQGAN, load_taming_checkpoint, reconstruct
+from robustmim.pipeline.models.config import PRESETS, VQGANConfig
+from robustmim.pipeline.models.vqgan import VQGAN, load_taming_checkpoint, reconstruct
 
 
 def taming_keys(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, embed_dim, n_embed,

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline.engine.checkpoint_files import METADATA
-from pipeline.engine.metrics import read_metrics
+from robustmim.pipeline.engine.checkpoint_files import METADATA
+from robustmim.pipeline.engine.metrics import read_metrics
 
 from helpers import finish, launch, wandb_offline_runs
 

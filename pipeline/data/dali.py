@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from robustmim.errors import UserError
-from pipeline.data.config import LoaderConfig, LoaderDevice
-from pipeline.data.shardset import ShardSet, open_shards
+from robustmim.pipeline.data.config import LoaderConfig, LoaderDevice
+from robustmim.pipeline.data.shardset import ShardSet, open_shards
 
 READER_NAME = "reader"
 STATE_FORMAT = 1
@@ -153,7 +153,7 @@ class DaliLoader:
         try:
             out = next(self._iterator)[0]
         except RuntimeError as e:  # DALI's reader or decoder failed on a shard
-            from pipeline.data.shardset import describe_damage
+            from robustmim.pipeline.data.shardset import describe_damage
 
             damage = describe_damage(self.shards)
             where = f"damaged: {damage}" if damage else "every shard still matches its manifest sha256"

@@ -18,9 +18,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data.config import LoaderConfig
-from pipeline.data.dali import Batch
-from pipeline.data.shardset import open_shards
+from robustmim.pipeline.data.config import LoaderConfig
+from robustmim.pipeline.data.dali import Batch
+from robustmim.pipeline.data.shardset import open_shards
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

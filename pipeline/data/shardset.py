@@ -22,7 +22,7 @@ from pathlib import Path
 
 from robustmim.errors import UserError
 from robustmim.fileio import sha256_of_file
-from shards.manifest import Manifest, load_manifest
+from robustmim.shards.manifest import Manifest, load_manifest
 
 
 @dataclass(frozen=True)

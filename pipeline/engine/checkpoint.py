@@ -38,9 +38,10 @@ import torch.distributed as dist
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_json, atomic_write_text
 from robustmim.log import get_logger
-from pipeline.dist import broadcast_object
-from pipeline.engine.checkpoint_files import (METADATA, DamagedCheckpoint, check_tag, complete_tags, file_records,
-                                              owned_files, read_metadata, scan_pickles, select_checkpoint)
+from robustmim.pipeline.dist import broadcast_object
+from robustmim.pipeline.engine.checkpoint_files import (METADATA, DamagedCheckpoint, check_tag, complete_tags,
+                                                        file_records, owned_files, read_metadata, scan_pickles,
+                                                        select_checkpoint)
 
 log = get_logger(__name__)
 

@@ -9,9 +9,9 @@ from typing import ClassVar, Optional
 
 from omegaconf import MISSING
 
-from pipeline.data.accounting import RunLength
-from pipeline.data.config import LoaderConfig
-from pipeline.flops import PEAK_TFLOPS_DENSE_BF16
+from robustmim.pipeline.data.accounting import RunLength
+from robustmim.pipeline.data.config import LoaderConfig
+from robustmim.pipeline.flops import PEAK_TFLOPS_DENSE_BF16
 
 
 class Precision(enum.Enum):

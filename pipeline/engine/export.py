@@ -20,8 +20,8 @@ import torch
 
 from robustmim.errors import UserError
 from robustmim.log import get_logger
-from pipeline.engine.checkpoint import CHECKPOINTS_DIR, LATEST, warn
-from pipeline.engine.checkpoint_files import METADATA, check_tag, safe_torch_load, select_checkpoint
+from robustmim.pipeline.engine.checkpoint import CHECKPOINTS_DIR, LATEST, warn
+from robustmim.pipeline.engine.checkpoint_files import METADATA, check_tag, safe_torch_load, select_checkpoint
 
 log = get_logger(__name__)
 

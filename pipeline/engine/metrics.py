@@ -24,7 +24,7 @@ from robustmim.config import to_dict
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_text
 from robustmim.log import get_logger
-from pipeline.engine.config import EngineConfig, LoggingConfig
+from robustmim.pipeline.engine.config import EngineConfig, LoggingConfig
 
 log = get_logger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from pipeline.engine.config import OptimConfig
+from robustmim.pipeline.engine.config import OptimConfig
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed")
 

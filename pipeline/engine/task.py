@@ -16,9 +16,9 @@ from typing import ClassVar, Protocol
 import torch
 import torch.nn as nn
 
-from pipeline.data.shardset import ShardSet
-from pipeline.dist import DistEnv
-from pipeline.engine.config import EngineConfig
+from robustmim.pipeline.data.shardset import ShardSet
+from robustmim.pipeline.dist import DistEnv
+from robustmim.pipeline.engine.config import EngineConfig
 
 
 class TrainingTask(Protocol):

@@ -31,18 +31,18 @@ from robustmim.errors import UserError
 from robustmim.provenance import write_provenance
 from robustmim.runlock import DirectoryLock
 from robustmim.log import get_logger
-from pipeline.data.dali import DaliLoader, use_gpu
-from pipeline.data.shardset import open_shards
-from pipeline.dist import broadcast_object, detect_env, init_distributed, shutdown_distributed
-from pipeline.engine.checkpoint import Checkpointer, ResumePoint
-from pipeline.engine.config import EngineConfig, Precision, uses_bf16
-from pipeline.engine.metrics import MetricsLog, scalar_sinks
-from pipeline.engine.optim import build_optimizer
-from pipeline.engine.run_state import write_run_state
-from pipeline.engine.signals import StopRequest
-from pipeline.engine.task import TrainingTask
-from pipeline.models.vit import compile_blocks
-from pipeline.randomness import step_generator
+from robustmim.pipeline.data.dali import DaliLoader, use_gpu
+from robustmim.pipeline.data.shardset import open_shards
+from robustmim.pipeline.dist import broadcast_object, detect_env, init_distributed, shutdown_distributed
+from robustmim.pipeline.engine.checkpoint import Checkpointer, ResumePoint
+from robustmim.pipeline.engine.config import EngineConfig, Precision, uses_bf16
+from robustmim.pipeline.engine.metrics import MetricsLog, scalar_sinks
+from robustmim.pipeline.engine.optim import build_optimizer
+from robustmim.pipeline.engine.run_state import write_run_state
+from robustmim.pipeline.engine.signals import StopRequest
+from robustmim.pipeline.engine.task import TrainingTask
+from robustmim.pipeline.models.vit import compile_blocks
+from robustmim.pipeline.randomness import step_generator
 
 log = get_logger(__name__)
 

@@ -8,9 +8,9 @@ from typing import Iterator
 
 import torch
 
-from pipeline.data.dali import DaliLoader
-from pipeline.dist import DistEnv
-from pipeline.engine.config import EngineConfig, ValidationConfig
+from robustmim.pipeline.data.dali import DaliLoader
+from robustmim.pipeline.dist import DistEnv
+from robustmim.pipeline.engine.config import EngineConfig, ValidationConfig
 
 
 def validation_batches(cfg: EngineConfig, validation: ValidationConfig, env: DistEnv

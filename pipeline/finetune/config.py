@@ -7,9 +7,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
-from pipeline.data.accounting import RunLength
-from pipeline.engine.config import EngineConfig, OptimConfig, Precision, ValidationConfig
-from pipeline.models.config import ClassifierConfig
+from robustmim.pipeline.data.accounting import RunLength
+from robustmim.pipeline.engine.config import EngineConfig, OptimConfig, Precision, ValidationConfig
+from robustmim.pipeline.models.config import ClassifierConfig
 
 
 class RecipeName(enum.Enum):

@@ -1,5 +1,5 @@
 """Export of a fine-tuning run: the classifier's safetensors plus the deployment JSON the eval
-stage loads (`pipeline.models.deployed.load_deployed`); De³ exports also carry the denoiser."""
+stage loads (`robustmim.pipeline.models.deployed.load_deployed`); De³ exports also carry the denoiser."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from omegaconf import OmegaConf
 from robustmim.config import load_config
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_json, sha256_of_file
-from pipeline.engine.export import consolidated_state_dict, save_safetensors
-from pipeline.finetune.config import FinetuneConfig, RecipeName
-from pipeline.finetune.recipes import deployment_of
-from pipeline.models.deployed import DefenseKind, DenoiserSpec, DeploymentSpec
-from pipeline.models.weights import read_state_dict
-from pipeline.pretrain.export import read_autoencoder_export
+from robustmim.pipeline.engine.export import consolidated_state_dict, save_safetensors
+from robustmim.pipeline.finetune.config import FinetuneConfig, RecipeName
+from robustmim.pipeline.finetune.recipes import deployment_of
+from robustmim.pipeline.models.deployed import DefenseKind, DenoiserSpec, DeploymentSpec
+from robustmim.pipeline.models.weights import read_state_dict
+from robustmim.pipeline.pretrain.export import read_autoencoder_export
 
 
 def deployment_spec(cfg: FinetuneConfig, weights: str, denoiser_weights: str, trained: dict) -> DeploymentSpec:

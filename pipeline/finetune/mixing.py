@@ -13,8 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.finetune.config import MixupConfig
-from pipeline.randomness import sample_beta
+from robustmim.pipeline.finetune.config import MixupConfig
+from robustmim.pipeline.randomness import sample_beta
 
 
 def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:

@@ -18,19 +18,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.attacks import L2, LINF, input_gradient, normalized_l2, pgd, uniform_linf_start
-from pipeline.engine.config import Precision, uses_bf16
-from pipeline.finetune.config import RecipeConfig, RecipeName
-from pipeline.finetune.mixing import BatchMixer, random_erase, soft_cross_entropy
-from pipeline.flops import PassFlops, autoencoder_pass, vqgan_flops
-from pipeline.models.classifier import ViTClassifier
-from pipeline.models.deployed import (DefenseKind, DeployedModel, DenoiseThenClassify, Plain, SmoothingBase,
-                                      denoise)
-from pipeline.models.mae import MaskedAutoencoder
-from pipeline.models.vqgan import VQGAN, check_input, reconstruct
-from pipeline.pretrain.export import load_denoiser
-from pipeline.randomness import gaussian_like, uniform_like
-from pipeline.tokenizer.export import load_tokenizer
+from robustmim.pipeline.attacks import L2, LINF, input_gradient, normalized_l2, pgd, uniform_linf_start
+from robustmim.pipeline.engine.config import Precision, uses_bf16
+from robustmim.pipeline.finetune.config import RecipeConfig, RecipeName
+from robustmim.pipeline.finetune.mixing import BatchMixer, random_erase, soft_cross_entropy
+from robustmim.pipeline.flops import PassFlops, autoencoder_pass, vqgan_flops
+from robustmim.pipeline.models.classifier import ViTClassifier
+from robustmim.pipeline.models.deployed import (DefenseKind, DeployedModel, DenoiseThenClassify, Plain, SmoothingBase,
+                                                denoise)
+from robustmim.pipeline.models.mae import MaskedAutoencoder
+from robustmim.pipeline.models.vqgan import VQGAN, check_input, reconstruct
+from robustmim.pipeline.pretrain.export import load_denoiser
+from robustmim.pipeline.randomness import gaussian_like, uniform_like
+from robustmim.pipeline.tokenizer.export import load_tokenizer
 
 
 def frozen(network: nn.Module) -> nn.Module:

@@ -13,17 +13,17 @@ import torch.nn as nn
 
 from robustmim.errors import UserError
 from robustmim.log import get_logger
-from pipeline.data.shardset import ShardSet, open_shards
-from pipeline.dist import DistEnv
-from pipeline.engine.optim import layer_decay_groups
-from pipeline.engine.validation import validation_batches
-from pipeline.finetune.config import FinetuneConfig
-from pipeline.finetune.recipes import Recipe, build_recipe
-from pipeline.flops import FUSED_ATTENTION_BACKWARD, classifier_pass
-from pipeline.models.classifier import ViTClassifier, load_pretrained_encoder
-from pipeline.models.deployed import DeployedModel
-from pipeline.models.vit import compile_blocks
-from pipeline.randomness import validation_generator
+from robustmim.pipeline.data.shardset import ShardSet, open_shards
+from robustmim.pipeline.dist import DistEnv
+from robustmim.pipeline.engine.optim import layer_decay_groups
+from robustmim.pipeline.engine.validation import validation_batches
+from robustmim.pipeline.finetune.config import FinetuneConfig
+from robustmim.pipeline.finetune.recipes import Recipe, build_recipe
+from robustmim.pipeline.flops import FUSED_ATTENTION_BACKWARD, classifier_pass
+from robustmim.pipeline.models.classifier import ViTClassifier, load_pretrained_encoder
+from robustmim.pipeline.models.deployed import DeployedModel
+from robustmim.pipeline.models.vit import compile_blocks
+from robustmim.pipeline.randomness import validation_generator
 
 log = get_logger(__name__)
 
@@ -136,6 +136,6 @@ class FinetuneTask:
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    from pipeline.engine.trainer import train
+    from robustmim.pipeline.engine.trainer import train
 
     return train(cfg, FinetuneTask)

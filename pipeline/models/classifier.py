@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 
 from robustmim.errors import UserError
-from pipeline.models.config import ClassifierConfig
-from pipeline.models.pos_embed import sincos_2d
-from pipeline.models.vit import layer_norm
-from pipeline.models.weights import LoadReport, match_state, read_state_dict
-from pipeline.timm_import import timm  # noqa: F401  (makes timm importable with the CPU torch)
+from robustmim.pipeline.models.config import ClassifierConfig
+from robustmim.pipeline.models.pos_embed import sincos_2d
+from robustmim.pipeline.models.vit import layer_norm
+from robustmim.pipeline.models.weights import LoadReport, match_state, read_state_dict
+from robustmim.pipeline.timm_import import timm  # noqa: F401  (makes timm importable with the CPU torch)
 from timm.layers import resample_abs_pos_embed  # noqa: E402
 from timm.layers import DropPath  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402

@@ -28,11 +28,11 @@ import torch
 import torch.nn as nn
 
 from robustmim.errors import UserError
-from pipeline.models.classifier import ViTClassifier
-from pipeline.models.config import ClassifierConfig, ModelConfig
-from pipeline.models.mae import MaskedAutoencoder
-from pipeline.models.weights import load_weights
-from pipeline.randomness import gaussian_like
+from robustmim.pipeline.models.classifier import ViTClassifier
+from robustmim.pipeline.models.config import ClassifierConfig, ModelConfig
+from robustmim.pipeline.models.mae import MaskedAutoencoder
+from robustmim.pipeline.models.weights import load_weights
+from robustmim.pipeline.randomness import gaussian_like
 
 DEPLOYMENT_FORMAT = "robustmim-classifier/1"
 

@@ -144,7 +144,7 @@ def load_lpips(paths: Sequence[str | Path]) -> LPIPS:
     """LPIPS from one or more weight files (safetensors, or `torch.load(weights_only=True)`),
     which together must hold every VGG16 and linear-head tensor; the input scaling constants may
     be absent. Any key missing, unknown, given twice or of the wrong shape is an error naming it."""
-    from pipeline.models.weights import match_state, read_state_dict
+    from robustmim.pipeline.models.weights import match_state, read_state_dict
 
     if not paths:
         raise UserError("LPIPS needs weight files: a taming VQGAN checkpoint, or torchvision's VGG16 state "

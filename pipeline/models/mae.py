@@ -19,9 +19,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from pipeline.models.config import ModelConfig
-from pipeline.models.pos_embed import sincos_2d
-from pipeline.models.vit import ViTTrunk, layer_norm, transformer_blocks
+from robustmim.pipeline.models.config import ModelConfig
+from robustmim.pipeline.models.pos_embed import sincos_2d
+from robustmim.pipeline.models.vit import ViTTrunk, layer_norm, transformer_blocks
 
 
 

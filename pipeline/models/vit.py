@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from pipeline.models.config import EncoderConfig
-from pipeline.timm_import import timm  # noqa: F401  (makes timm importable with the CPU torch)
+from robustmim.pipeline.models.config import EncoderConfig
+from robustmim.pipeline.timm_import import timm  # noqa: F401  (makes timm importable with the CPU torch)
 from timm.layers import PatchEmbed  # noqa: E402
 from timm.models.vision_transformer import Block  # noqa: E402
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from robustmim.errors import UserError
-from pipeline.models.config import NORM_GROUPS, VQGANConfig
+from robustmim.pipeline.models.config import NORM_GROUPS, VQGANConfig
 
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(NORM_GROUPS, channels, eps=1e-6, affine=True)
@@ -250,7 +250,7 @@ TRAINING_ONLY_PREFIX = "loss."  # taming checkpoints carry the LPIPS net and dis
 def load_taming_checkpoint(model: VQGAN, path: str | Path) -> int:
     """Strictly load a taming-transformers VQGAN (`.ckpt` with weights_only, or safetensors);
     returns how many training-only `loss.*` tensors were skipped."""
-    from pipeline.models.weights import match_state, read_state_dict
+    from robustmim.pipeline.models.weights import match_state, read_state_dict
 
     state = read_state_dict(path)
     kept = {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY_PREFIX)}

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from pipeline.models.mae import MaskedAutoencoder, patch_stats
+from robustmim.pipeline.models.mae import MaskedAutoencoder, patch_stats
 
 
 @dataclass

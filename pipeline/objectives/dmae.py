@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models.mae import MaskedAutoencoder
-from pipeline.objectives.base import ObjectiveOutput, mask_noise, patch_losses, pixel_target
-from pipeline.objectives.config import DMAEConfig
-from pipeline.randomness import gaussian_like
+from robustmim.pipeline.models.mae import MaskedAutoencoder
+from robustmim.pipeline.objectives.base import ObjectiveOutput, mask_noise, patch_losses, pixel_target
+from robustmim.pipeline.objectives.config import DMAEConfig
+from robustmim.pipeline.randomness import gaussian_like
 
 
 class DMAE:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models.mae import MaskedAutoencoder
-from pipeline.objectives.base import ObjectiveOutput, mask_noise, masked_mean, patch_losses, pixel_target
-from pipeline.objectives.config import MAEConfig
+from robustmim.pipeline.models.mae import MaskedAutoencoder
+from robustmim.pipeline.objectives.base import ObjectiveOutput, mask_noise, masked_mean, patch_losses, pixel_target
+from robustmim.pipeline.objectives.config import MAEConfig
 
 
 class MAE:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.attacks import LINF, input_gradient, pgd, uniform_linf_start
-from pipeline.models.mae import MaskedAutoencoder
-from pipeline.objectives.base import ObjectiveOutput, mask_noise, masked_mean, patch_losses, pixel_target
-from pipeline.objectives.config import MIMIRConfig
-from pipeline.objectives.hsic import nhsic
-from pipeline.randomness import uniform_like
+from robustmim.pipeline.attacks import LINF, input_gradient, pgd, uniform_linf_start
+from robustmim.pipeline.models.mae import MaskedAutoencoder
+from robustmim.pipeline.objectives.base import ObjectiveOutput, mask_noise, masked_mean, patch_losses, pixel_target
+from robustmim.pipeline.objectives.config import MIMIRConfig
+from robustmim.pipeline.objectives.hsic import nhsic
+from robustmim.pipeline.randomness import uniform_like
 
 
 class MIMIR:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models.mae import MaskedAutoencoder
-from pipeline.objectives.base import ObjectiveOutput, mask_noise, patch_losses, pixel_target
-from pipeline.objectives.config import NIMConfig, SigmaDistribution
-from pipeline.randomness import gaussian_like, sample_gamma
+from robustmim.pipeline.models.mae import MaskedAutoencoder
+from robustmim.pipeline.objectives.base import ObjectiveOutput, mask_noise, patch_losses, pixel_target
+from robustmim.pipeline.objectives.config import NIMConfig, SigmaDistribution
+from robustmim.pipeline.randomness import gaussian_like, sample_gamma
 
 
 class NIM:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pipeline.objectives.config import ObjectiveConfig, ObjectiveName
-from pipeline.objectives.dmae import DMAE
-from pipeline.objectives.mae import MAE
-from pipeline.objectives.mimir import MIMIR
-from pipeline.objectives.nim import NIM
+from robustmim.pipeline.objectives.config import ObjectiveConfig, ObjectiveName
+from robustmim.pipeline.objectives.dmae import DMAE
+from robustmim.pipeline.objectives.mae import MAE
+from robustmim.pipeline.objectives.mimir import MIMIR
+from robustmim.pipeline.objectives.nim import NIM
 
 OBJECTIVES = {ObjectiveName.mae: MAE, ObjectiveName.nim: NIM, ObjectiveName.dmae: DMAE, ObjectiveName.mimir: MIMIR}
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from pipeline.engine.config import EngineConfig
-from pipeline.models.config import ModelConfig
-from pipeline.objectives.config import ObjectiveConfig
+from robustmim.pipeline.engine.config import EngineConfig
+from robustmim.pipeline.models.config import ModelConfig
+from robustmim.pipeline.objectives.config import ObjectiveConfig
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """A pretraining run's export: the autoencoder's fp32 weights in the official MAE layout, loadable
-by `pipeline.models.weights.load_weights`, timm or the MAE code, and a JSON beside them with the
+by `robustmim.pipeline.models.weights.load_weights`, timm or the MAE code, and a JSON beside them with the
 model config that rebuilds the network (and the objective's norm_pix_loss, which De³ needs)."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import yaml
 from robustmim.config import config_from_dict
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_json
-from pipeline.engine.export import consolidated_state_dict, save_safetensors
-from pipeline.models.config import ModelConfig
-from pipeline.models.mae import MaskedAutoencoder
-from pipeline.models.weights import load_weights
+from robustmim.pipeline.engine.export import consolidated_state_dict, save_safetensors
+from robustmim.pipeline.models.config import ModelConfig
+from robustmim.pipeline.models.mae import MaskedAutoencoder
+from robustmim.pipeline.models.weights import load_weights
 
 EXPORT_FORMAT = "robustmim-mae/1"
 
@@ -30,8 +30,8 @@ def fill_fixed_embeddings(state: dict[str, torch.Tensor], model_config: dict | N
     if model_config is None:
         raise UserError(f"the checkpoint lacks {missing} and no run config.yaml says how to rebuild them")
     from robustmim.config import load_config
-    from pipeline.models.config import ModelConfig
-    from pipeline.models.pos_embed import sincos_2d
+    from robustmim.pipeline.models.config import ModelConfig
+    from robustmim.pipeline.models.pos_embed import sincos_2d
 
     cfg = load_config(ModelConfig, None, [f"{k}={v}" for k, v in model_config.items()])
     grid = cfg.img_size // cfg.patch_size

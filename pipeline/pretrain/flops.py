@@ -3,9 +3,9 @@ counting primitives of pipeline/flops.py."""
 
 from __future__ import annotations
 
-from pipeline.flops import FUSED_ATTENTION_BACKWARD, autoencoder_pass
-from pipeline.models.config import ModelConfig
-from pipeline.objectives.config import ObjectiveConfig, ObjectiveName
+from robustmim.pipeline.flops import FUSED_ATTENTION_BACKWARD, autoencoder_pass
+from robustmim.pipeline.models.config import ModelConfig
+from robustmim.pipeline.objectives.config import ObjectiveConfig, ObjectiveName
 
 
 def pretraining_flops_per_image(model: ModelConfig, objective: ObjectiveConfig, batch_size: int,

@@ -7,14 +7,14 @@ import torch
 import torch.nn as nn
 
 from robustmim.log import get_logger
-from pipeline.data.shardset import ShardSet
-from pipeline.dist import DistEnv
-from pipeline.engine.optim import param_groups
-from pipeline.models.mae import MaskedAutoencoder
-from pipeline.objectives.config import ObjectiveName
-from pipeline.objectives.registry import build_objective
-from pipeline.pretrain.config import PretrainConfig
-from pipeline.pretrain.flops import pretraining_flops_per_image
+from robustmim.pipeline.data.shardset import ShardSet
+from robustmim.pipeline.dist import DistEnv
+from robustmim.pipeline.engine.optim import param_groups
+from robustmim.pipeline.models.mae import MaskedAutoencoder
+from robustmim.pipeline.objectives.config import ObjectiveName
+from robustmim.pipeline.objectives.registry import build_objective
+from robustmim.pipeline.pretrain.config import PretrainConfig
+from robustmim.pipeline.pretrain.flops import pretraining_flops_per_image
 
 # MIMIR's released runs: the micro-batch its nHSIC penalty saw on each GPU
 MIMIR_MICRO_BATCH = 512
@@ -75,6 +75,6 @@ class PretrainTask:
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
-    from pipeline.engine.trainer import train
+    from robustmim.pipeline.engine.trainer import train
 
     return train(cfg, PretrainTask)

@@ -6,9 +6,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from pipeline.data.accounting import RunLength
-from pipeline.engine.config import EngineConfig, OptimConfig, ValidationConfig
-from pipeline.models.config import VQGANConfig
+from robustmim.pipeline.data.accounting import RunLength
+from robustmim.pipeline.engine.config import EngineConfig, OptimConfig, ValidationConfig
+from robustmim.pipeline.models.config import VQGANConfig
 
 
 class Reconstruction(enum.Enum):

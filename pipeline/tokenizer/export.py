@@ -11,10 +11,10 @@ from omegaconf import OmegaConf
 from robustmim.config import config_from_dict, load_config
 from robustmim.errors import UserError
 from robustmim.fileio import atomic_write_json, sha256_of_file
-from pipeline.engine.export import consolidated_state_dict, save_safetensors
-from pipeline.models.config import PRESETS, VQGANConfig
-from pipeline.models.vqgan import VQGAN, load_taming_checkpoint
-from pipeline.tokenizer.config import TokenizerConfig
+from robustmim.pipeline.engine.export import consolidated_state_dict, save_safetensors
+from robustmim.pipeline.models.config import PRESETS, VQGANConfig
+from robustmim.pipeline.models.vqgan import VQGAN, load_taming_checkpoint
+from robustmim.pipeline.tokenizer.config import TokenizerConfig
 
 EXPORT_FORMAT = "robustmim-vqgan/1"
 

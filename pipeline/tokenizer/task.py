@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from robustmim.errors import UserError
-from pipeline.data.shardset import ShardSet, open_shards
-from pipeline.dist import DistEnv
-from pipeline.engine.optim import param_groups
-from pipeline.engine.validation import validation_batches
-from pipeline.flops import lpips_flops, vqgan_flops
-from pipeline.models.discriminator import PatchDiscriminator
-from pipeline.models.lpips import LPIPS, load_lpips
-from pipeline.models.vqgan import VQGAN, check_input, codebook_perplexity
-from pipeline.tokenizer.config import Reconstruction, TokenizerConfig, TokenizerLossConfig
+from robustmim.pipeline.data.shardset import ShardSet, open_shards
+from robustmim.pipeline.dist import DistEnv
+from robustmim.pipeline.engine.optim import param_groups
+from robustmim.pipeline.engine.validation import validation_batches
+from robustmim.pipeline.flops import lpips_flops, vqgan_flops
+from robustmim.pipeline.models.discriminator import PatchDiscriminator
+from robustmim.pipeline.models.lpips import LPIPS, load_lpips
+from robustmim.pipeline.models.vqgan import VQGAN, check_input, codebook_perplexity
+from robustmim.pipeline.tokenizer.config import Reconstruction, TokenizerConfig, TokenizerLossConfig
 
 
 class TokenizerModule(nn.Module):
@@ -142,6 +142,6 @@ class TokenizerTask:
 
 
 def train_tokenizer(cfg: TokenizerConfig) -> dict:
-    from pipeline.engine.trainer import train
+    from robustmim.pipeline.engine.trainer import train
 
     return train(cfg, TokenizerTask)
