@@ -12,10 +12,10 @@ from robustmim.errors import UserError
 from robustmim.pipeline.engine.optim import WarmupCosine, build_optimizer, layer_decay_groups
 from robustmim.pipeline.finetune.config import FinetuneOptimConfig, MixupConfig, RecipeConfig
 from robustmim.pipeline.finetune.mixing import BatchMixer, random_erase, smooth_one_hot, soft_cross_entropy
-from robustmim.pipeline.finetune.recipes import build_recipe
+from robustmim.pipeline.finetune.recipes import DenoisedTraining, build_recipe
 from robustmim.pipeline.finetune.task import FinetuneModule
 from robustmim.pipeline.models.classifier import ViTClassifier, load_pretrained_encoder
-from robustmim.pipeline.models.deployed import DenoiseThenClassify, denoise
+from robustmim.pipeline.models.deployed import DenoiseThenClassify, Plain, SmoothingBase, denoise
 from robustmim.pipeline.models.mae import MaskedAutoencoder
 from robustmim.pipeline.randomness import step_generator
 
@@ -228,6 +228,24 @@ def test_adversarial_training_attacks_within_epsilon_and_raises_the_loss():
     assert (adv - images).abs().max() <= 0.0314 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     clean_loss = F.cross_entropy(real_forward(images), labels, label_smoothing=0.1)
     assert loss.item() > clean_loss.item()
+
+
+def test_each_recipe_deploys_its_defense_around_the_classifier_with_its_frozen_networks():
+    classifier = ViTClassifier(tiny_classifier_config())
+    for name, kind in (("standard", Plain), ("mimir", Plain), ("dmae", SmoothingBase)):
+        cfg = load_config(RecipeConfig, None, [f"name={name}", "dmae.sigma=0.5"])
+        deployed = build_recipe(cfg, 10).deploy(classifier)
+        assert type(deployed) is kind and deployed.classifier is classifier
+    assert deployed.sigma == 0.5 and deployed.randomized
+    denoiser = MaskedAutoencoder(tiny_model_config())
+    cfg = load_config(RecipeConfig, None, ["name=de3", "de3.denoiser=nim.safetensors", "de3.deploy_sigma=51"])
+    recipe = DenoisedTraining(cfg, 10, denoiser, norm_pix=False)
+    deployed = recipe.deploy(classifier)
+    assert type(deployed) is DenoiseThenClassify and deployed.denoiser is denoiser and deployed.classifier is classifier
+    assert deployed.sigma == pytest.approx(0.2) and deployed.norm_pix is False
+    assert recipe.frozen_networks() == [denoiser] and not denoiser.training
+    assert not any(p.requires_grad for p in denoiser.parameters())
+    assert set(FinetuneModule(classifier, recipe).state_dict()) == {f"model.{k}" for k in classifier.state_dict()}
 
 
 def test_de3_module_passes_gradients_to_its_input_through_the_denoiser():

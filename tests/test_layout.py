@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO_ROOT
 
 STAGE_FOLDERS = ("pipeline", "eval", "slurm", "shards")  # at the root, robustmim.<folder> when imported
@@ -123,9 +125,12 @@ def test_every_import_of_the_projects_code_goes_through_the_robustmim_name():
     assert bare == {}
 
 
-def test_the_cli_runs_beside_foreign_packages_named_like_the_stage_folders(tmp_path):
+@pytest.mark.slow
+def test_each_module_and_the_cli_work_beside_foreign_packages_named_like_the_stage_folders(tmp_path):
     """Packages called pipeline, eval, slurm and shards (there are such on PyPI) first on the path:
-    every project module still imports, and a stage's command line runs."""
+    every project module still imports, each on its own (no other project module loaded before
+    it: one that worked only after another had been imported would fail here), and a stage's
+    command line runs."""
     for folder in STAGE_FOLDERS:
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "__init__.py").write_text(f"raise ImportError('the foreign {folder} was imported')\n")
@@ -133,7 +138,14 @@ def test_the_cli_runs_beside_foreign_packages_named_like_the_stage_folders(tmp_p
     outside = tmp_path / "elsewhere"  # not the repository root, whose folders would come first
     outside.mkdir()
     names = sorted(name for name in project_modules() if not name.endswith("__main__"))
-    script = "import importlib, sys\nfor name in sys.argv[1:]: importlib.import_module(name)\nprint('imported')"
+    script = """
+import importlib, sys
+for name in sys.argv[1:]:
+    for loaded in [m for m in sys.modules if m.split(".")[0] == "robustmim"]:
+        del sys.modules[loaded]
+    importlib.import_module(name)
+print("imported")
+"""
     done = subprocess.run([sys.executable, "-c", script, *names], cwd=outside, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-3000:]

@@ -24,8 +24,7 @@ from robustmim.pipeline.finetune.config import RecipeConfig, RecipeName
 from robustmim.pipeline.finetune.mixing import BatchMixer, random_erase, soft_cross_entropy
 from robustmim.pipeline.flops import PassFlops, autoencoder_pass, vqgan_flops
 from robustmim.pipeline.models.classifier import ViTClassifier
-from robustmim.pipeline.models.deployed import (DefenseKind, DeployedModel, DenoiseThenClassify, Plain, SmoothingBase,
-                                                denoise)
+from robustmim.pipeline.models.deployed import DefenseKind, DeployedModel, denoise, deployed_model
 from robustmim.pipeline.models.mae import MaskedAutoencoder
 from robustmim.pipeline.models.vqgan import VQGAN, check_input, reconstruct
 from robustmim.pipeline.pretrain.export import load_denoiser
@@ -63,10 +62,9 @@ class Recipe:
         """A UserError if the frozen networks cannot take the data's images."""
 
     def deploy(self, classifier: ViTClassifier) -> DeployedModel:
-        return Plain(classifier)
-
-    def deployment(self) -> tuple[DefenseKind, float]:
-        return deployment_of(self.cfg)
+        """The model as the eval stage rebuilds it from the export (the same constructor)."""
+        defense, sigma = deployment_of(self.cfg)
+        return deployed_model(defense, classifier, sigma)
 
     def flops_per_image(self, classifier: PassFlops, image_size: int, attention_backward: float) -> float:
         """Matmul FLOPs of one training step per image (the classifier's pass given)."""
@@ -108,7 +106,8 @@ class DenoisedTraining(Recipe):
         return [self.denoiser]
 
     def deploy(self, classifier: ViTClassifier) -> DeployedModel:
-        return DenoiseThenClassify(self.denoiser, classifier, self.deployment()[1], self.norm_pix)
+        defense, sigma = deployment_of(self.cfg)
+        return deployed_model(defense, classifier, sigma, self.denoiser, self.norm_pix)
 
     def flops_per_image(self, classifier: PassFlops, image_size: int, attention_backward: float) -> float:
         return classifier.training(attention_backward) + autoencoder_pass(self.denoiser.cfg, 0.0).forward
@@ -130,9 +129,6 @@ class NoisyConsistency(Recipe):
     copies with the same partner), soft cross-entropy over all copies, plus
     lambda * mean_i KL(p_mean || p_i) + eta * H(p_mean) (Jeong & Shin 2020). Deploys the base
     classifier of randomized smoothing at sigma."""
-
-    def deploy(self, classifier: ViTClassifier) -> DeployedModel:
-        return SmoothingBase(classifier, self.deployment()[1])
 
     def flops_per_image(self, classifier: PassFlops, image_size: int, attention_backward: float) -> float:
         return self.cfg.dmae.copies * classifier.training(attention_backward)
